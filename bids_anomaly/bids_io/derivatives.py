@@ -1,0 +1,210 @@
+"""The derivatives sink: BIDS names, sidecars, dataset_description.json, group table.
+
+Every file is written atomically; files shared by concurrent participant-level processes
+are written under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from .. import __version__
+from ..atomic import atomic_path, file_lock, write_json, write_text
+from ..naming import ScanKey, ScanOutputs, sidecar
+
+BIDSIGNORE = ["*.html", "figures/", "logs/", "models/", "*_statmap.*", "*_xfm.*",
+              "*_clusters.*", "*_scores.json", "group_anomaly.*", "evaluation*", "*.lock"]
+
+GROUP_COLUMNS = ["participant_id", "session_id", "run", "scan_id", "model", "score",
+                 "percentile", "flagged", "status", "error", "n_clusters",
+                 "anomaly_volume_mm3", "report"]
+
+
+def bids_uri(bids_dir: Path, path: Path) -> str:
+    """``bids:raw:<relative path>`` for a file of the raw dataset."""
+    return f"bids:raw:{Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+
+
+def container_info() -> dict:
+    """Where we run: Docker, Apptainer/Singularity, or a plain install."""
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return {"Type": "singularity", "Tag": os.environ.get("BIDS_ANOMALY_IMAGE_TAG", "")}
+    if Path("/.dockerenv").exists():
+        return {"Type": "docker", "Tag": os.environ.get("BIDS_ANOMALY_IMAGE_TAG", "")}
+    return {}
+
+
+def ensure_dataset(output_dir: Path, bids_dir: Path) -> None:
+    """Create dataset_description.json and .bidsignore once (safe under concurrency)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    desc = output_dir / "dataset_description.json"
+    with file_lock(output_dir / "logs" / ".dataset"):
+        if not desc.exists():
+            gen = {"Name": "bids-anomaly", "Version": __version__,
+                   "CodeURL": "https://github.com/bids-anomaly/bids-anomaly"}
+            cont = container_info()
+            if cont:
+                gen["Container"] = cont
+            write_json(desc, {
+                "Name": "bids-anomaly: unsupervised anomaly maps",
+                "BIDSVersion": "1.10.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [gen],
+                "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
+                "DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()},
+            })
+        ignore = output_dir / ".bidsignore"
+        if not ignore.exists():
+            write_text(ignore, "\n".join(BIDSIGNORE) + "\n")
+
+
+def _copy(src: str, dest: Path) -> None:
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_dir: Path,
+              sources: dict[str, str], provenance: dict, resolution: int = 2) -> dict:
+    """Copy one scan's node outputs into OUTPUT_DIR under their BIDS names, with sidecars.
+
+    ``files`` are the scoring node's outputs, ``preproc`` the preprocessing node's result.
+    Returns the scores record (also written as the scan's ``_scores.json``).
+    """
+    out = ScanOutputs(key, res=resolution)
+    summary = json.loads(Path(files["summary"]).read_text())
+    t1_uri = bids_uri(bids_dir, Path(sources["T1w"]))
+    src_uris = [bids_uri(bids_dir, Path(p)) for p in sources.values()]
+    model = summary["model"]
+    model_meta = {"Name": model["name"], "Type": model["type"], "SHA256": model["sha256"]}
+    thresholds = summary["thresholds"]
+
+    def put(src: str, rel: Path, meta: dict | None) -> None:
+        _copy(src, output_dir / rel)
+        if meta is not None:
+            write_json(output_dir / sidecar(rel), meta)
+
+    put(preproc["native_brain_mask"], out.native_brain_mask,
+        {"Sources": [t1_uri], "Type": "Brain", "Method": preproc["brain_extraction"]})
+    put(preproc["template_brain_mask"], out.template_brain_mask,
+        {"Sources": [t1_uri], "Type": "Brain", "SpatialReference": out.space})
+    for contrast, path in preproc["template_images"].items():
+        uri = bids_uri(bids_dir, Path(sources[contrast]))
+        put(path, out.preproc(contrast), {"Sources": [uri], "SkullStripped": True,
+                                          "Normalisation": "per-volume percentile 0.5-99"})
+        put(files[f"recon_{contrast}"], out.recon(contrast),
+            {"Sources": [uri], "Description": "pseudo-healthy reconstruction", "Model": model_meta})
+    stat_meta = {
+        "Sources": src_uris,
+        "Description": "anomaly z-map: residual standardised against held-out healthy scans",
+        "Model": model_meta,
+        "Thresholds": thresholds,
+        "DefaultFPR": summary["default_fpr"],
+    }
+    put(files["template_statmap"], out.template_statmap,
+        {**stat_meta, "SpatialReference": out.space})
+    put(files["native_statmap"], out.native_statmap, stat_meta)
+    mask_meta = {"Sources": src_uris, "Model": model_meta, "Threshold": summary["threshold"],
+                 "FPR": summary["default_fpr"],
+                 "Description": "voxels above the threshold calibrated at this voxel FPR"}
+    put(files["template_mask"], out.template_mask, {**mask_meta, "SpatialReference": out.space})
+    put(files["native_mask"], out.native_mask, mask_meta)
+    put(preproc["xfm"], out.xfm, {"Sources": [t1_uri], "Type": "ITK affine (antspyx)",
+                                  "FromSpace": "T1w", "ToSpace": out.space})
+    put(files["clusters"], out.clusters, {
+        "cluster_id": {"Description": "cluster number, largest first"},
+        "size_mm3": {"Description": "cluster volume", "Units": "mm^3"},
+        "peak_z": {"Description": "maximum anomaly z in the cluster"},
+        "mean_z": {"Description": "mean anomaly z in the cluster"},
+        "centroid_x": {"Description": "centroid, template x", "Units": "mm"},
+        "centroid_y": {"Description": "centroid, template y", "Units": "mm"},
+        "centroid_z": {"Description": "centroid, template z", "Units": "mm"},
+        "hemisphere": {"Description": "left, right or midline (|x| <= 2 mm)"},
+    })
+    record = scan_record(key, "ok")
+    record.update({k: summary[k] for k in ("score", "percentile", "flagged", "threshold",
+                                           "default_fpr", "n_clusters", "anomaly_volume_mm3",
+                                           "healthy_scores", "model")})
+    record["voxel_threshold"] = summary["threshold"]
+    record["provenance"] = provenance
+    record["preprocessing"] = summary["preprocessing"]
+    record["timings"] = summary["timings"]
+    write_json(output_dir / out.scores, record)
+    return record
+
+
+def scan_record(key: ScanKey, status: str, error: str | None = None) -> dict:
+    return {
+        "scan_id": key.scan_id,
+        "participant_id": f"sub-{key.subject}",
+        "session_id": f"ses-{key.session}" if key.session else None,
+        "run": key.run,
+        "status": status,
+        "error": error,
+    }
+
+
+def write_failure(output_dir: Path, key: ScanKey, error: str, provenance: dict) -> None:
+    """Record a failed scan (the group level and reports list it with its error)."""
+    rec = scan_record(key, "failed", error)
+    rec["provenance"] = provenance
+    write_json(output_dir / ScanOutputs(key).scores, rec)
+
+
+def collect_records(output_dir: Path) -> list[dict]:
+    """All per-scan score records under OUTPUT_DIR."""
+    recs = []
+    for p in sorted(output_dir.glob("sub-*/**/anat/*_desc-anomaly_scores.json")):
+        try:
+            recs.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return recs
+
+
+def write_group_table(output_dir: Path) -> pd.DataFrame:
+    """group_anomaly.tsv (+ .json) from every per-scan record, under a lock."""
+    rows = []
+    for r in collect_records(output_dir):
+        rows.append({
+            "participant_id": r["participant_id"],
+            "session_id": r.get("session_id"),
+            "run": r.get("run"),
+            "scan_id": r["scan_id"],
+            "model": (r.get("model") or {}).get("name"),
+            "score": r.get("score"),
+            "percentile": r.get("percentile"),
+            "flagged": None if r.get("flagged") is None else str(bool(r["flagged"])).lower(),
+            "status": r["status"],
+            "error": r.get("error"),
+            "n_clusters": r.get("n_clusters"),
+            "anomaly_volume_mm3": r.get("anomaly_volume_mm3"),
+            "report": f"{r['participant_id']}.html",
+        })
+    df = pd.DataFrame(rows, columns=GROUP_COLUMNS)
+    dest = output_dir / "group_anomaly.tsv"
+    with file_lock(output_dir / "logs" / ".group"):
+        with atomic_path(dest) as tmp:
+            df.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.4f")
+        write_json(sidecar(dest), {
+            "participant_id": {"Description": "participant label"},
+            "session_id": {"Description": "session label (n/a without sessions)"},
+            "run": {"Description": "run index (n/a without runs)"},
+            "scan_id": {"Description": "scan identifier used in file names"},
+            "model": {"Description": "name of the model bundle that scored the scan"},
+            "score": {"Description": "mean of the top 1% anomaly z-values in the brain"},
+            "percentile": {"Description": "percentile of the score among held-out healthy "
+                                          "scans (normal fit)", "Units": "%"},
+            "flagged": {"Description": "true when the percentile is at or above 95"},
+            "status": {"Description": "ok or failed"},
+            "error": {"Description": "why the scan failed"},
+            "n_clusters": {"Description": "number of clusters in the anomaly mask"},
+            "anomaly_volume_mm3": {"Description": "volume of the anomaly mask in template space",
+                                   "Units": "mm^3"},
+            "report": {"Description": "participant report (relative link)"},
+        })
+    return df

@@ -1,0 +1,550 @@
+"""Evaluate anomaly maps against manual lesion masks (voxel- and scan-level metrics).
+
+Compares the native-space statmaps that the participant level wrote into one or more
+OUTPUT_DIRs (one model each) with a labels derivative dataset holding
+``sub-X[_ses-Y]_label-lesion_mask.nii.gz`` files on the raw T1w grid. An empty lesion mask
+marks a healthy scan. Conventions:
+
+* the oracle threshold ``t`` flags voxels with ``score >= t`` (it is one of the scores);
+* a calibrated threshold ``t`` (sidecar ``Thresholds``) flags voxels with ``score > t``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from .atomic import write_json, write_text
+from .errors import DataError, EmptySelectionError, MissingInputError
+from .naming import ScanKey, ScanOutputs, build_name, sidecar
+
+#: Pooled voxel metrics use a deterministic random subsample above this many voxels.
+MAX_POOLED_VOXELS = 5_000_000
+GROUP_TABLE = "group_anomaly.tsv"
+AFFINE_TOL = 1e-3
+_NA = {"", "n/a", "nan", "NaN", "None"}
+_ENTITY_FIELDS = {"sub": "subject", "ses": "session", "run": "run", "acq": "acquisition"}
+
+
+def _fpr_key(fpr: str | float) -> str:
+    """Canonical text of a false-positive rate ("0.010" -> "0.01")."""
+    return format(float(fpr), "g")
+
+
+def _dice(tp: float, fp: float, fn: float) -> float:
+    denom = 2 * tp + fp + fn
+    return float(2 * tp / denom) if tp + fn > 0 and denom > 0 else math.nan
+
+
+def _counts(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(TP, FP, FN, TN) for the prediction ``scores > threshold``."""
+    pred = scores > threshold
+    tp = int(np.count_nonzero(pred & labels))
+    fp = int(np.count_nonzero(pred)) - tp
+    pos = int(np.count_nonzero(labels))
+    return tp, fp, pos - tp, labels.size - pos - fp
+
+
+def _oracle_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Best Dice over all thresholds ``score >= t`` and that ``t``, from one sort."""
+    n_pos = int(np.count_nonzero(labels))
+    if n_pos == 0 or scores.size == 0:
+        return math.nan, math.nan
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    tp = np.cumsum(labels[order], dtype=np.int64)
+    # Only the last index of each run of tied scores is a reachable threshold.
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    dice = 2.0 * tp[ends] / (ends + 1 + n_pos)  # predicted positives = index + 1
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(s[ends[best]])
+
+
+def voxel_metrics(
+    scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Voxel-wise metrics of anomaly ``scores`` against binary lesion ``labels``.
+
+    Both arrays are flattened; voxels with a non-finite score are dropped. Returns
+    ``n_voxels``, ``prevalence``, ``auroc``, ``auprc`` (average precision), ``oracle_dice``,
+    ``oracle_threshold`` and, per calibrated FPR in ``thresholds``, ``dice_fpr<fpr>`` and
+    ``fpr_observed_fpr<fpr>``. Without lesion voxels everything but the observed FPR is NaN.
+    """
+    s = np.asarray(scores).ravel()
+    y = np.asarray(labels).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size} voxels) and labels ({y.size} voxels) differ in size")
+    y = y.astype(bool)
+    keep = np.isfinite(s)
+    if not keep.all():
+        s, y = s[keep], y[keep]
+    n_pos = int(np.count_nonzero(y))
+    n_neg = y.size - n_pos
+    out: dict[str, float] = {
+        "n_voxels": int(y.size),
+        "prevalence": n_pos / y.size if y.size else math.nan,
+        "auroc": math.nan,
+        "auprc": math.nan,
+    }
+    if n_pos and n_neg:
+        out["auroc"] = float(roc_auc_score(y, s))
+    if n_pos:
+        out["auprc"] = float(average_precision_score(y, s))
+    out["oracle_dice"], out["oracle_threshold"] = _oracle_dice(s, y)
+    for fpr, thr in (thresholds or {}).items():
+        tp, fp, fn, tn = _counts(s, y, float(thr))
+        key = _fpr_key(fpr)
+        out[f"dice_fpr{key}"] = _dice(tp, fp, fn)
+        out[f"fpr_observed_fpr{key}"] = fp / (fp + tn) if fp + tn else math.nan
+    return out
+
+
+def scan_level_auroc(scores: Any, is_pathological: Any) -> float:
+    """AUROC of per-scan scores for pathological vs healthy scans (NaN if one class only).
+
+    Scans with a non-finite score are ignored.
+    """
+    s = np.asarray(scores, dtype=float).ravel()
+    y = np.asarray(is_pathological, dtype=bool).ravel()
+    keep = np.isfinite(s)
+    s, y = s[keep], y[keep]
+    if y.all() or not y.any():
+        return math.nan
+    return float(roc_auc_score(y, s))
+
+
+@dataclass
+class EvaluationResult:
+    """Per-scan and pooled metrics of one or more models, plus the scans left out."""
+
+    per_scan: pd.DataFrame
+    pooled: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)
+    mask_dilation: int = 0
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _parse_entities(stem: str) -> dict[str, str] | None:
+    ents: dict[str, str] = {}
+    for part in stem.split("_"):
+        if "-" not in part:
+            return None
+        k, v = part.split("-", 1)
+        ents[k] = v
+    return ents
+
+
+def _key_from_entities(ents: dict[str, str]) -> ScanKey | None:
+    if "sub" not in ents or set(ents) - set(_ENTITY_FIELDS):
+        return None
+    return ScanKey(**{_ENTITY_FIELDS[k]: v for k, v in ents.items()})
+
+
+def _na(value: Any) -> str | None:
+    text = str(value).strip()
+    return None if text in _NA else text
+
+
+def _strip(value: str | None, prefix: str) -> str | None:
+    if value is None:
+        return None
+    return value[len(prefix):] if value.startswith(prefix) else value
+
+
+def _to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _scans_from_table(table: Path) -> list[tuple[ScanKey, float]]:
+    try:
+        df = pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{table}: cannot read the group table ({exc})") from exc
+    if "participant_id" not in df.columns and "scan_id" not in df.columns:
+        raise DataError(f"{table}: needs a participant_id or scan_id column")
+    if "status" in df.columns:
+        df = df[df["status"].str.strip().str.lower() == "ok"]
+    scans = []
+    for _, row in df.iterrows():
+        key = None
+        scan_id = _na(row.get("scan_id", ""))
+        if scan_id:
+            ents = _parse_entities(scan_id)
+            key = _key_from_entities(ents) if ents else None
+        if key is None:
+            subject = _strip(_na(row.get("participant_id", "")), "sub-")
+            if not subject:
+                raise DataError(f"{table}: row without participant_id or a parsable scan_id")
+            key = ScanKey(subject, _strip(_na(row.get("session_id", "")), "ses-"),
+                          _strip(_na(row.get("run", "")), "run-"))
+        scans.append((key, _to_float(row.get("score", math.nan))))
+    return scans
+
+
+def _scans_from_glob(output_dir: Path) -> list[tuple[ScanKey, float]]:
+    suffix = "_stat-anomaly_statmap.nii.gz"
+    scans = []
+    for path in sorted(output_dir.glob(f"sub-*/**/anat/*{suffix}")):
+        ents = _parse_entities(path.name[: -len(suffix)])
+        key = _key_from_entities(ents) if ents else None  # skips space-/res- (template) maps
+        if key is None or ScanOutputs(key).native_statmap != path.relative_to(output_dir):
+            continue
+        scans.append((key, _score_from_record(output_dir / ScanOutputs(key).scores)))
+    return scans
+
+
+def _score_from_record(path: Path) -> float:
+    """The ``score`` of a per-scan scores JSON, NaN if there is none."""
+    try:
+        return _to_float(json.loads(path.read_text(encoding="utf-8")).get("score"))
+    except (OSError, ValueError, AttributeError):
+        return math.nan
+
+
+def _lesion_path(labels_dir: Path, key: ScanKey) -> Path | None:
+    """The lesion mask of ``key``; falls back to a name with only sub/ses entities."""
+    candidates = [key, ScanKey(key.subject, key.session)]
+    for k in candidates:
+        path = labels_dir / k.subdir / build_name(k, "mask", label="lesion")
+        if path.exists():
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load(path: Path) -> nb.Nifti1Image:
+    try:
+        return nb.load(path)
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise DataError(f"{path}: cannot read NIfTI image ({exc})") from exc
+
+
+def _shape3(img: nb.Nifti1Image, path: Path) -> tuple[int, ...]:
+    shape = tuple(img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3-D image, got shape {img.shape}")
+    return shape
+
+
+def _check_grid(ref: nb.Nifti1Image, ref_path: Path, img: nb.Nifti1Image, path: Path) -> None:
+    s_ref, s_img = _shape3(ref, ref_path), _shape3(img, path)
+    if s_ref != s_img or not np.allclose(ref.affine, img.affine, atol=AFFINE_TOL, rtol=0):
+        raise DataError(
+            f"grid mismatch between {ref_path} (shape {s_ref}) and {path} (shape {s_img}): "
+            f"shape and affine must agree within {AFFINE_TOL}"
+        )
+
+
+def _array(img: nb.Nifti1Image, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.asarray(img.get_fdata(dtype=np.float32), dtype=dtype).reshape(shape)
+
+
+def _read_sidecar(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: invalid JSON sidecar ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: JSON sidecar is not an object")
+    return meta
+
+
+def _thresholds(meta: dict, path: Path) -> dict[str, float] | None:
+    raw = meta.get("Thresholds")
+    if raw is None:
+        return None
+    try:
+        return {_fpr_key(k): float(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: Thresholds must map FPR to a number ({exc})") from exc
+
+
+class _Pool:
+    """Concatenated in-brain voxels with a deterministic uniform subsample above ``cap``.
+
+    Bottom-k sampling on per-voxel random keys keeps memory bounded by ``cap`` plus one scan.
+    Exact confusion counts at calibrated thresholds are accumulated separately.
+    """
+
+    def __init__(self, cap: int, seed: int = 0) -> None:
+        self.cap = cap
+        self.rng = np.random.default_rng(seed)
+        self.scores = np.empty(0, np.float32)
+        self.labels = np.empty(0, bool)
+        self.keys = np.empty(0, np.float64)
+        self.n_total = 0
+        self.n_pos = 0
+        self.counts: dict[str, np.ndarray] = {}
+
+    def add(self, scores: np.ndarray, labels: np.ndarray, thr: dict[str, float] | None) -> None:
+        self.n_total += scores.size
+        self.n_pos += int(np.count_nonzero(labels))
+        for fpr, t in (thr or {}).items():
+            c = np.asarray(_counts(scores, labels, t), dtype=np.int64)
+            self.counts[fpr] = self.counts.get(fpr, 0) + c
+        self.scores = np.concatenate([self.scores, scores.astype(np.float32)])
+        self.labels = np.concatenate([self.labels, labels])
+        self.keys = np.concatenate([self.keys, self.rng.random(scores.size)])
+        if self.scores.size > self.cap:
+            idx = np.sort(np.argpartition(self.keys, self.cap - 1)[: self.cap])
+            self.scores, self.labels, self.keys = self.scores[idx], self.labels[idx], self.keys[idx]
+
+    def metrics(self) -> dict[str, float]:
+        out = voxel_metrics(self.scores, self.labels)
+        out["n_voxels"] = self.n_total
+        out["n_voxels_sampled"] = int(self.scores.size)
+        out["prevalence"] = self.n_pos / self.n_total if self.n_total else math.nan
+        for fpr in sorted(self.counts, key=float, reverse=True):
+            tp, fp, fn, tn = (int(v) for v in self.counts[fpr])
+            out[f"dice_fpr{fpr}"] = _dice(tp, fp, fn)
+            out[f"fpr_observed_fpr{fpr}"] = fp / (fp + tn) if fp + tn else math.nan
+        return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _evaluate_dir(
+    output_dir: Path, labels_dir: Path, mask_dilation: int, cap: int
+) -> tuple[str, list[dict], dict, list[str]]:
+    table = output_dir / GROUP_TABLE
+    scans = _scans_from_table(table) if table.exists() else _scans_from_glob(output_dir)
+    scans.sort(key=lambda item: item[0].scan_id)
+    model_name: str | None = None
+    rows: list[dict] = []
+    skipped: list[str] = []
+    pool = _Pool(cap)
+    struct = ndimage.generate_binary_structure(3, 1)
+    for key, score in scans:
+        outs = ScanOutputs(key)
+        stat_path = output_dir / outs.native_statmap
+        brain_path = output_dir / outs.native_brain_mask
+        lesion_path = _lesion_path(labels_dir, key)
+        reason = None
+        if lesion_path is None:
+            expected = labels_dir / key.subdir / build_name(key, "mask", label="lesion")
+            reason = f"no lesion mask {expected}"
+        elif not stat_path.exists():
+            reason = f"statmap missing: {stat_path}"
+        elif not brain_path.exists():
+            reason = f"brain mask missing: {brain_path}"
+        if reason:
+            skipped.append(f"{output_dir.name}: {key.scan_id}: {reason}")
+            continue
+        meta_path = sidecar(stat_path)
+        meta = _read_sidecar(meta_path)
+        if model_name is None:
+            model = meta.get("Model")
+            name = model.get("Name") if isinstance(model, dict) else None
+            model_name = str(name) if name else output_dir.name
+        thresholds = _thresholds(meta, meta_path)
+
+        stat_img, brain_img, lesion_img = _load(stat_path), _load(brain_path), _load(lesion_path)
+        _check_grid(stat_img, stat_path, lesion_img, lesion_path)
+        _check_grid(stat_img, stat_path, brain_img, brain_path)
+        shape = _shape3(stat_img, stat_path)
+        stat = _array(stat_img, shape, np.float32)
+        lesion_f = _array(lesion_img, shape, np.float32)
+        brain = _array(brain_img, shape, np.float32) > 0
+        if mask_dilation > 0:
+            brain = ndimage.binary_dilation(brain, struct, iterations=mask_dilation)
+        region = brain & np.isfinite(stat) & np.isfinite(lesion_f)
+        lesion = np.nan_to_num(lesion_f) > 0
+        s, y = stat[region], lesion[region]
+        pool.add(s, y, thresholds)
+        metrics = voxel_metrics(s, y, thresholds)
+        n_lesion = int(np.count_nonzero(lesion))
+        rows.append({
+            "scan_id": key.scan_id,
+            "participant_id": f"sub-{key.subject}",
+            "session_id": f"ses-{key.session}" if key.session else "n/a",
+            "run": key.run or "n/a",
+            "pathological": n_lesion > 0,
+            "lesion_voxels": n_lesion,
+            "lesion_voxels_in_mask": int(np.count_nonzero(y)),
+            **metrics,
+            "score": score,
+        })
+    if not rows:
+        raise EmptySelectionError(
+            f"{output_dir}: none of its {len(scans)} scan(s) could be matched with a lesion "
+            f"mask in {labels_dir}"
+        )
+    pooled = pool.metrics()
+    pathological = np.array([r["pathological"] for r in rows])
+    pooled["scan_auroc"] = scan_level_auroc([r["score"] for r in rows], pathological)
+    pooled["n_scans"] = len(rows)
+    pooled["n_pathological"] = int(pathological.sum())
+    return model_name or output_dir.name, rows, pooled, skipped
+
+
+def evaluate_outputs(
+    output_dirs: list[Path],
+    labels_dir: Path,
+    mask_dilation: int = 0,
+    max_pooled_voxels: int = MAX_POOLED_VOXELS,
+) -> EvaluationResult:
+    """Evaluate each OUTPUT_DIR (one model each) against the lesion masks in ``labels_dir``.
+
+    Scans come from ``group_anomaly.tsv`` (status ok) or, without it, from the native
+    statmaps found on disk. Metrics are computed inside the native brain mask (dilated by
+    ``mask_dilation`` voxels) where statmap and label are finite.
+    """
+    labels_dir = Path(labels_dir)
+    if not output_dirs:
+        raise EmptySelectionError("no output directory given to evaluate")
+    for d in [*output_dirs, labels_dir]:
+        if not Path(d).is_dir():
+            raise MissingInputError(f"{d}: directory does not exist")
+    if mask_dilation < 0:
+        raise ValueError("mask_dilation must be >= 0")
+    per_scan: list[dict] = []
+    pooled: list[dict] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for d in output_dirs:
+        d = Path(d)
+        name, rows, pool, skip = _evaluate_dir(d, labels_dir, mask_dilation, max_pooled_voxels)
+        if name in seen:  # two folders of the same model: keep them apart
+            name = f"{name} ({d.name})"
+        seen.add(name)
+        per_scan += [{"model": name, **r} for r in rows]
+        pooled.append({"model": name, **pool})
+        skipped += skip
+    scans_df = pd.DataFrame(per_scan)
+    pooled_df = pd.DataFrame(pooled)
+    lead = ["model", "n_scans", "n_pathological"]
+    pooled_df = pooled_df[lead + [c for c in pooled_df.columns if c not in lead]]
+    return EvaluationResult(scans_df, pooled_df, skipped, mask_dilation)
+
+
+# --------------------------------------------------------------------------- output
+
+_DESCRIPTIONS = {
+    "model": "Model name (statmap sidecar Model.Name, else the OUTPUT_DIR folder name).",
+    "scan_id": "Scan identifier (BIDS entities of the scan).",
+    "participant_id": "Participant label.",
+    "session_id": "Session label, n/a without sessions.",
+    "run": "Run label, n/a without runs.",
+    "pathological": "True if the lesion mask has at least one voxel.",
+    "lesion_voxels": "Number of lesion voxels in the whole lesion mask.",
+    "lesion_voxels_in_mask": "Number of lesion voxels inside the evaluation mask.",
+    "n_voxels": "Number of voxels evaluated (brain mask where statmap and label are finite).",
+    "n_voxels_sampled": "Voxels used for AUROC, AUPRC and oracle Dice (deterministic random "
+                        f"subsample when above {MAX_POOLED_VOXELS}).",
+    "prevalence": "Fraction of evaluated voxels that are lesion.",
+    "auroc": "Voxel-wise area under the ROC curve (n/a without lesion or healthy voxels).",
+    "auprc": "Voxel-wise average precision (n/a without lesion voxels).",
+    "oracle_dice": "Best Dice over all thresholds (statmap >= threshold).",
+    "oracle_threshold": "Statmap threshold giving the oracle Dice.",
+    "score": "Per-scan anomaly score from group_anomaly.tsv.",
+    "scan_auroc": "Scan-level AUROC of the per-scan score, pathological vs healthy scans.",
+    "n_scans": "Number of scans evaluated.",
+    "n_pathological": "Number of evaluated scans with a non-empty lesion mask.",
+}
+
+
+def _describe(col: str) -> dict[str, str]:
+    if col.startswith("dice_fpr"):
+        fpr = col[len("dice_fpr"):]
+        desc = f"Dice of statmap > threshold calibrated at voxel FPR {fpr} on healthy data."
+    elif col.startswith("fpr_observed_fpr"):
+        fpr = col[len("fpr_observed_fpr"):]
+        desc = (f"Observed false-positive rate among non-lesion voxels at the threshold "
+                f"calibrated for FPR {fpr}.")
+    else:
+        desc = _DESCRIPTIONS.get(col, col)
+    return {"Description": desc}
+
+
+def _tsv_text(df: pd.DataFrame) -> str:
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == bool:
+            out[col] = out[col].map({True: "true", False: "false"})
+    return out.to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.4f",
+                      lineterminator="\n")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    return value
+
+
+def write_evaluation(result: EvaluationResult, dest_dir: Path) -> list[Path]:
+    """Write evaluation_scans/pooled TSVs (+ JSON sidecars) and evaluation.json atomically."""
+    dest_dir = Path(dest_dir)
+    written: list[Path] = []
+    for name, df in (("evaluation_scans", result.per_scan), ("evaluation_pooled", result.pooled)):
+        tsv = dest_dir / f"{name}.tsv"
+        written.append(write_text(tsv, _tsv_text(df)))
+        written.append(write_json(sidecar(tsv), {c: _describe(c) for c in df.columns}))
+    models = {
+        str(row["model"]): {k: _json_value(v) for k, v in row.items() if k != "model"}
+        for row in result.pooled.to_dict(orient="records")
+    }
+    summary = {
+        "Models": models,
+        "MaskDilation": result.mask_dilation,
+        "Conventions": {
+            "oracle_threshold": "statmap >= threshold",
+            "calibrated": "statmap > threshold",
+        },
+        "Skipped": list(result.skipped),
+    }
+    written.append(write_json(dest_dir / "evaluation.json", summary))
+    return written
+
+
+def _pick(row: pd.Series, prefix: str, fpr: float) -> Any:
+    for col, value in row.items():
+        if str(col).startswith(prefix):
+            try:
+                if math.isclose(float(str(col)[len(prefix):]), fpr):
+                    return value
+            except ValueError:
+                continue
+    return math.nan
+
+
+def _fmt(value: Any) -> str:
+    v = _to_float(value)
+    return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def format_pooled_table(result: EvaluationResult) -> list[list[str]]:
+    """Rows (header first) comparing the models' pooled metrics side by side."""
+    rows = [["model", "n_scans", "AUROC", "AUPRC", "oracle Dice", "Dice@1%FPR", "Dice@0.1%FPR",
+             "scan AUROC"]]
+    for _, r in result.pooled.iterrows():
+        rows.append([
+            str(r["model"]), str(int(r["n_scans"])), _fmt(r.get("auroc")), _fmt(r.get("auprc")),
+            _fmt(r.get("oracle_dice")), _fmt(_pick(r, "dice_fpr", 0.01)),
+            _fmt(_pick(r, "dice_fpr", 0.001)), _fmt(r.get("scan_auroc")),
+        ])
+    return rows

@@ -1,0 +1,135 @@
+"""Training stage: fit a model on preprocessed healthy scans, calibrate, write the bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from . import __version__
+from .calibration import calibrate
+from .config import PreprocConfig
+from .models.base import FitContext, get_model_class
+from .models.bundle import save_bundle
+from .preprocessing.pipeline import PreprocResult
+from .scoring import ScoringParams
+from .templates import TEMPLATE_NAME, load_template
+from .versions import software_versions
+
+LOG = logging.getLogger("bids_anomaly")
+
+
+def load_volume(result: PreprocResult, contrasts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(C, X, Y, Z) template-space volume and its brain mask from a preprocessing result."""
+    chans = [np.asarray(nb.load(result.template_images[c]).dataobj, np.float32) for c in contrasts]
+    mask = np.asarray(nb.load(result.template_brain_mask).dataobj) > 0
+    return np.stack(chans), mask
+
+
+def split_participants(subjects: list[str], fraction: float, seed: int) -> tuple[list, list]:
+    """Participant-level split into fit and held-out (validation + calibration) sets."""
+    uniq = sorted(set(subjects))
+    if len(uniq) < 2:
+        raise ValueError("training needs at least 2 healthy participants (fit + calibration)")
+    rng = np.random.default_rng(seed)
+    order = list(rng.permutation(uniq))
+    n_held = min(len(uniq) - 1, max(1, int(round(fraction * len(uniq)))))
+    held = sorted(order[:n_held])
+    return sorted(order[n_held:]), held
+
+
+@dataclass
+class FitInputs:
+    """What the training node receives."""
+
+    preproc_jsons: list[str]
+    subjects: list[str]
+    scan_ids: list[str]
+    contrasts: list[str]
+    model_type: str
+    model_name: str
+    model_config: dict
+    preproc: dict
+    calibration_fraction: float
+    dataset: str
+    seed: int
+    device: str
+    threads: int
+    checkpoint: str | None
+    resume: bool
+
+
+def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
+    """Fit on the training participants, calibrate on the held-out ones, save the bundle."""
+    t0 = time.perf_counter()
+    preproc = PreprocConfig.from_dict(inputs.preproc)
+    template = load_template(preproc.resolution)
+    fit_subj, held_subj = split_participants(inputs.subjects, inputs.calibration_fraction,
+                                             inputs.seed)
+    data = {}
+    for js, subj, sid in zip(inputs.preproc_jsons, inputs.subjects, inputs.scan_ids):
+        data[sid] = (subj, *load_volume(PreprocResult.load(Path(js)), inputs.contrasts))
+    fit = [(v, m) for s, v, m in data.values() if s in fit_subj]
+    held = [(v, m) for s, v, m in data.values() if s in held_subj]
+    cls = get_model_class(inputs.model_type)
+    model = cls(inputs.contrasts, template.shape, inputs.model_config)
+    from .training import resolve_device
+
+    device = resolve_device(inputs.device)
+    ctx = FitContext(val_volumes=[v for v, _ in held], val_masks=[m for _, m in held],
+                     device=device, threads=inputs.threads, seed=inputs.seed,
+                     checkpoint=inputs.checkpoint, resume=inputs.resume)
+    LOG.info("Fitting %s on %d scans (%d participants); %d held-out scans for calibration",
+             inputs.model_type, len(fit), len(fit_subj), len(held))
+    history = model.fit([v for v, _ in fit], [m for _, m in fit], ctx)
+    calib = calibrate(model, [v for v, _ in held], [m for _, m in held], ScoringParams(),
+                      device=device, participants=held_subj)
+    card = {
+        "name": inputs.model_name,
+        "description": f"{inputs.model_type} normative model of healthy brains "
+                       f"({', '.join(inputs.contrasts)}) in {TEMPLATE_NAME} at "
+                       f"{preproc.resolution} mm",
+        "template": TEMPLATE_NAME,
+        "space": TEMPLATE_NAME,
+        "resolution": preproc.resolution,
+        "preprocessing": preproc.to_dict(),
+        "normalisation": {"method": "per-volume percentile", "low": 0.5, "high": 99.0,
+                          "clip": 1.5},
+        "training": {
+            "dataset": inputs.dataset,
+            "participants": fit_subj,
+            "calibration_participants": held_subj,
+            "n_scans": len(fit),
+            "seed": inputs.seed,
+            "device": device,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "history": history.get("history", []),
+            "best_epoch": history.get("best_epoch"),
+            "best_val_loss": history.get("best_val_loss"),
+        },
+        "software": {"bids-anomaly": __version__, **software_versions()},
+        "intended_use": "Research use: flags deviations from the healthy training cohort; "
+                        "not a diagnostic device.",
+    }
+    return save_bundle(dest, model, card, calib,
+                       extra_files={"calibration.npz": _calibration_npz(calib)})
+
+
+def _calibration_npz(calib) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, healthy_scores=np.asarray(calib.healthy_scores, np.float64),
+             thresholds_fpr=np.asarray([float(k) for k in calib.thresholds]),
+             thresholds_z=np.asarray(list(calib.thresholds.values())),
+             mu_sd=np.asarray([calib.mu, calib.sd]))
+    return buf.getvalue()
+
+
+def fit_inputs_json(inputs: FitInputs) -> str:
+    return json.dumps(inputs.__dict__)

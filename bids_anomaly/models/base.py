@@ -1,0 +1,89 @@
+"""The model interface and registry: one module per model type."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+REGISTRY: dict[str, type[AnomalyModel]] = {}
+
+
+def register(cls: type[AnomalyModel]) -> type[AnomalyModel]:
+    """Class decorator: make a model available to ``--model-type``."""
+    REGISTRY[cls.type_name] = cls
+    return cls
+
+
+def get_model_class(type_name: str) -> type[AnomalyModel]:
+    from . import dae, zscore  # noqa: F401  (register the built-in models)
+
+    try:
+        return REGISTRY[type_name]
+    except KeyError as exc:
+        raise ValueError(
+            f"unknown model type '{type_name}' (available: {', '.join(sorted(REGISTRY))})"
+        ) from exc
+
+
+@dataclass
+class FitContext:
+    """What a model's ``fit`` may use: validation data, device, threads, seed, progress."""
+
+    val_volumes: list[np.ndarray] = field(default_factory=list)
+    val_masks: list[np.ndarray] = field(default_factory=list)
+    device: str = "cpu"
+    threads: int = 1
+    seed: int = 0
+    checkpoint: str | None = None
+    resume: bool = False
+    progress: Callable[[dict], None] | None = None
+
+
+class AnomalyModel(ABC):
+    """A normative model of healthy brains in template space.
+
+    Volumes are float32 arrays (C, X, Y, Z): one channel per contrast, on the template grid.
+    """
+
+    type_name: ClassVar[str]
+    learned: ClassVar[bool] = True
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, contrasts: list[str], shape: tuple[int, int, int],
+                 hparams: dict | None = None):
+        unknown = set(hparams or {}) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown hyper-parameter(s) for model '{self.type_name}': {sorted(unknown)} "
+                f"(known: {sorted(self.defaults)})"
+            )
+        self.contrasts = list(contrasts)
+        self.shape = tuple(shape)
+        self.hparams = {**self.defaults, **(hparams or {})}
+
+    @abstractmethod
+    def fit(self, volumes: list[np.ndarray], masks: list[np.ndarray], ctx: FitContext) -> dict:
+        """Fit on healthy volumes; return a training history (JSON-serialisable)."""
+
+    @abstractmethod
+    def reconstruct(self, volume: np.ndarray, mask: np.ndarray, device: str = "cpu") -> np.ndarray:
+        """A pseudo-healthy version of ``volume`` (same shape)."""
+
+    def residual(self, volume: np.ndarray, mask: np.ndarray, device: str = "cpu"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Reconstruction and the raw anomaly map (X, Y, Z): mean absolute residual."""
+        recon = self.reconstruct(volume, mask, device=device)
+        return recon, np.abs(volume - recon).mean(axis=0) * mask
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to store in weights.safetensors."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore from :meth:`state_dict`."""

@@ -1,0 +1,148 @@
+"""The model bundle: a directory of data (JSON + safetensors), never code.
+
+``model.json`` is the model card and the contract between training and scoring (nnU-Net
+plans style): model type and hyper-parameters, contrasts, template, resolution, the
+preprocessing recipe, calibration and the sha256 of every data file. Weights load through
+safetensors only; nothing is unpickled, so a bundle from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BundleError
+from ..scoring import Calibration
+from .base import AnomalyModel, get_model_class
+
+SCHEMA_VERSION = "1.0"
+WEIGHTS = "weights.safetensors"
+CARD = "model.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model, its card and its calibration."""
+
+    path: Path
+    model: AnomalyModel
+    card: dict
+    calibration: Calibration
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.card["files"][WEIGHTS]
+
+    def check_fits(self, contrasts: list[str], template: str, resolution: int) -> None:
+        """Refuse scans whose contrasts, template or resolution differ from the bundle's."""
+        if sorted(contrasts) != sorted(self.card["contrasts"]):
+            raise BundleError(
+                f"model bundle {self.path} expects contrasts {self.card['contrasts']}, "
+                f"the scan provides {list(contrasts)}"
+            )
+        if template != self.card["template"]:
+            raise BundleError(
+                f"model bundle {self.path} is in template {self.card['template']}, not {template}"
+            )
+        if int(resolution) != int(self.card["resolution"]):
+            raise BundleError(
+                f"model bundle {self.path} works at {self.card['resolution']} mm, "
+                f"not {resolution} mm"
+            )
+
+
+def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibration,
+                extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a bundle directory atomically (built in a temp dir, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_file(model.state_dict(), str(tmp / WEIGHTS))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        full = {
+            "schema_version": SCHEMA_VERSION,
+            **card,
+            "model_type": model.type_name,
+            "hyperparameters": model.hparams,
+            "contrasts": model.contrasts,
+            "shape": list(model.shape),
+            "calibration": calibration.to_dict(),
+            "files": files,
+        }
+        (tmp / CARD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o755)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load and verify a bundle (schema version, sha256 of every file, weight names)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    card_path = path / CARD
+    if not card_path.is_file():
+        raise BundleError(f"{path} is not a model bundle: {CARD} is missing")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{card_path} is not valid JSON: {exc}") from exc
+    version = str(card.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise BundleError(
+            f"{card_path}: bundle schema version {version or 'missing'} is not supported "
+            f"(this bids-anomaly reads {SCHEMA_VERSION})"
+        )
+    for name, digest in card.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"model bundle {path}: {name} is missing")
+        if sha256(f) != digest:
+            raise BundleError(
+                f"model bundle {path}: checksum of {name} does not match model.json "
+                "(file corrupt or modified)"
+            )
+    if WEIGHTS not in card.get("files", {}):
+        raise BundleError(f"model bundle {path}: {WEIGHTS} is not listed in {CARD}")
+    try:
+        cls = get_model_class(card["model_type"])
+        model = cls(card["contrasts"], tuple(card["shape"]), card["hyperparameters"])
+        state = load_file(str(path / WEIGHTS))
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise BundleError(f"model bundle {path} cannot be loaded: {exc}") from exc
+    return Bundle(path, model, card, Calibration.from_dict(card["calibration"]))

@@ -1,0 +1,48 @@
+"""2D axial slices of template-space volumes, for slice-wise networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def crop_box(mask: np.ndarray, size: tuple[int, int]) -> tuple[slice, slice]:
+    """A fixed in-plane (X, Y) crop of ``size`` centred on the brain mask's bounding box."""
+    xs, ys = np.nonzero(mask.any(axis=2))
+    box = []
+    for idx, n, full in ((xs, size[0], mask.shape[0]), (ys, size[1], mask.shape[1])):
+        centre = (int(idx.min()) + int(idx.max()) + 1) // 2
+        start = int(np.clip(centre - n // 2, 0, max(0, full - n)))
+        box.append(slice(start, start + n))
+    return box[0], box[1]
+
+
+def pad_to(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Zero-pad the two leading spatial axes of (C, X, Y, Z) up to ``size`` if smaller."""
+    px = max(0, size[0] - arr.shape[1])
+    py = max(0, size[1] - arr.shape[2])
+    if px or py:
+        arr = np.pad(arr, ((0, 0), (0, px), (0, py), (0, 0)))
+    return arr
+
+
+def volume_to_slices(volume: np.ndarray, mask: np.ndarray, box, min_brain: float = 0.0):
+    """(C, X, Y, Z) → tensors (N, C, h, w) of axial slices and their z indices."""
+    vol = pad_to(volume * mask[None], (box[0].stop, box[1].stop))
+    msk = pad_to(mask[None].astype(np.float32), (box[0].stop, box[1].stop))[0]
+    v = vol[:, box[0], box[1], :]
+    m = msk[box[0], box[1], :]
+    frac = m.mean(axis=(0, 1))
+    keep = np.nonzero(frac > min_brain)[0]
+    x = torch.from_numpy(np.ascontiguousarray(v[..., keep].transpose(3, 0, 1, 2)))
+    mk = torch.from_numpy(np.ascontiguousarray(m[..., keep].transpose(2, 0, 1)))[:, None]
+    return x.float(), mk.float(), keep
+
+
+def slices_to_volume(slices: np.ndarray, keep: np.ndarray, box, shape) -> np.ndarray:
+    """Inverse of :func:`volume_to_slices` (regions outside the crop are zero)."""
+    c = slices.shape[1]
+    full = np.zeros((c, max(shape[0], box[0].stop), max(shape[1], box[1].stop), shape[2]),
+                    np.float32)
+    full[:, box[0], box[1], keep] = slices.transpose(1, 2, 3, 0)
+    return full[:, : shape[0], : shape[1], :]

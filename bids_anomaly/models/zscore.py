@@ -1,0 +1,49 @@
+"""Voxel-wise normative model: mean and standard deviation of healthy intensities."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import AnomalyModel, FitContext, register
+
+
+@register
+class ZScoreModel(AnomalyModel):
+    """Not learned: the healthy mean is the reconstruction, |x - mean| / std the residual."""
+
+    type_name = "zscore"
+    learned = False
+    defaults = {"min_std": 0.05, "smooth_sigma": 1.0}
+
+    def fit(self, volumes, masks, ctx: FitContext) -> dict:
+        from scipy import ndimage
+
+        stack = np.stack([v * m[None] for v, m in zip(volumes, masks)])  # N, C, X, Y, Z
+        count = np.stack(masks).sum(axis=0).astype(np.float32)
+        denom = np.maximum(count, 1.0)[None]
+        mean = stack.sum(axis=0) / denom
+        var = ((stack - mean[None]) ** 2 * np.stack(masks)[:, None]).sum(axis=0) / denom
+        std = np.sqrt(var)
+        sigma = float(self.hparams["smooth_sigma"])
+        if sigma > 0:
+            std = np.stack([ndimage.gaussian_filter(s, sigma) for s in std])
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        self.std = np.ascontiguousarray(np.maximum(std, float(self.hparams["min_std"])),
+                                        dtype=np.float32)
+        return {"n_volumes": len(volumes)}
+
+    def reconstruct(self, volume, mask, device="cpu"):
+        return self.mean * mask[None]
+
+    def residual(self, volume, mask, device="cpu"):
+        recon = self.reconstruct(volume, mask)
+        return recon, (np.abs(volume - recon) / self.std).mean(axis=0) * mask
+
+    def state_dict(self):
+        return {"mean": torch.from_numpy(np.ascontiguousarray(self.mean)),
+                "std": torch.from_numpy(np.ascontiguousarray(self.std))}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"].numpy().astype(np.float32)
+        self.std = state["std"].numpy().astype(np.float32)

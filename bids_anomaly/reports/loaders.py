@@ -1,0 +1,175 @@
+"""Read what the scoring pipeline left in OUTPUT_DIR, tolerating missing or broken pieces.
+
+A report must still be written when a scan failed half-way, so every reader here returns
+``None`` / an empty value (and a message) instead of raising on a missing or unreadable file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..naming import ScanKey, ScanOutputs
+
+SCORES_GLOB = "*_desc-anomaly_scores.json"
+_ENTITY = re.compile(r"(?:^|_)(sub|ses|acq|run)-([A-Za-z0-9]+)")
+
+
+def strip_prefix(label: Any, prefix: str) -> str | None:
+    if label is None:
+        return None
+    s = str(label).strip()
+    if s.lower() in ("", "n/a", "none", "null"):
+        return None
+    return s[len(prefix) + 1 :] if s.startswith(prefix + "-") else s
+
+
+def key_from_scores_path(path: Path) -> ScanKey:
+    """The ScanKey encoded in a ``..._desc-anomaly_scores.json`` file name."""
+    stem = path.name[: -len(SCORES_GLOB) + 1]
+    ents = dict(_ENTITY.findall(stem))
+    return ScanKey(ents.get("sub", ""), ents.get("ses"), ents.get("run"), ents.get("acq"))
+
+
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"missing file {path.name}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"cannot read {path.name}: {exc}"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} does not hold a JSON object"
+    return obj, None
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Columns and rows of a TSV (values as strings, missing cells as ``n/a``)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        columns = [c for c in (reader.fieldnames or []) if c is not None]
+        rows = []
+        for raw in reader:
+            rows.append({c: ("n/a" if raw.get(c) in (None, "") else str(raw[c])) for c in columns})
+    return columns, rows
+
+
+def load_volume(path: Path) -> np.ndarray | None:
+    """A 3-D float32 array (first volume of 4-D images) or None when missing/unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        import nibabel as nb
+
+        data = np.asarray(nb.load(str(path)).dataobj, dtype=np.float32)
+    except Exception:  # noqa: BLE001 - any unreadable image is reported as absent
+        return None
+    while data.ndim > 3:
+        data = data[..., 0]
+    return data if data.ndim == 3 else None
+
+
+def read_head(path: Path, max_lines: int = 6, max_chars: int = 400) -> list[str] | None:
+    """First lines of a text file; None for binary files (e.g. nipype ``.pklz``)."""
+    try:
+        with open(path, "rb") as fh:
+            chunk = fh.read(8192)
+    except OSError:
+        return None
+    if b"\x00" in chunk or path.suffix in (".pklz", ".pkl", ".gz"):
+        return None
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        text = chunk.decode("utf-8", errors="replace")
+    lines = [ln[:max_chars] for ln in text.splitlines() if ln.strip()]
+    return lines[:max_lines]
+
+
+@dataclass
+class CrashFile:
+    path: Path  # relative to OUTPUT_DIR
+    head: list[str] | None  # first lines when it is text
+
+    def mentions(self, subject: str) -> bool:
+        token = f"sub-{subject}"
+        text = str(self.path) + "\n" + "\n".join(self.head or [])
+        return re.search(re.escape(token) + r"(?![A-Za-z0-9])", text) is not None
+
+
+def crash_files(output_dir: Path, limit: int = 200) -> list[CrashFile]:
+    logs = output_dir / "logs"
+    if not logs.is_dir():
+        return []
+    found = sorted(p for p in logs.rglob("crash-*") if p.is_file())[:limit]
+    return [CrashFile(p.relative_to(output_dir), read_head(p)) for p in found]
+
+
+@dataclass
+class ScanRecord:
+    """One scan of a participant: its scores record and derivative paths."""
+
+    key: ScanKey
+    scores_path: Path  # absolute
+    scores: dict[str, Any] = field(default_factory=dict)
+    read_error: str | None = None
+    outputs: ScanOutputs | None = None
+
+    @property
+    def scan_id(self) -> str:
+        sid = self.scores.get("scan_id")
+        return str(sid) if sid else self.key.scan_id
+
+    @property
+    def status(self) -> str:
+        if self.read_error:
+            return "failed"
+        return str(self.scores.get("status") or "unknown")
+
+    @property
+    def failed(self) -> bool:
+        return self.status.lower() not in ("ok", "success", "succeeded")
+
+    @property
+    def error(self) -> str | None:
+        err = self.scores.get("error")
+        return self.read_error or (str(err) if err not in (None, "") else None)
+
+
+def find_scans(output_dir: Path, subject: str) -> list[ScanRecord]:
+    """Every scores record under ``sub-<subject>/`` sorted by session, acquisition, run."""
+    root = output_dir / f"sub-{subject}"
+    if not root.is_dir():
+        return []
+    records = []
+    for path in sorted(root.rglob(SCORES_GLOB)):
+        key = key_from_scores_path(path)
+        if key.subject != subject:
+            continue
+        scores, err = read_json(path)
+        rec = ScanRecord(key, path, scores or {}, err)
+        rec.outputs = _outputs_for(output_dir, key)
+        records.append(rec)
+    records.sort(key=lambda r: (r.key.session or "", r.key.acquisition or "", _run_key(r.key.run)))
+    return records
+
+
+def _run_key(run: str | None) -> tuple[int, str]:
+    if run is None:
+        return (-1, "")
+    return (int(run), run) if run.isdigit() else (10**9, run)
+
+
+def _outputs_for(output_dir: Path, key: ScanKey) -> ScanOutputs:
+    """Outputs on the 2 mm grid, or 1 mm when only those exist."""
+    for res in (2, 1):
+        out = ScanOutputs(key, res=res)
+        if (output_dir / out.template_statmap).exists() or (output_dir / out.preproc()).exists():
+            return out
+    return ScanOutputs(key)

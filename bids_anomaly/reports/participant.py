@@ -1,0 +1,439 @@
+"""Self-contained HTML report of one participant: every scan's score, maps, QC and provenance.
+
+``build_participant_report(output_dir, "01")`` writes ``OUTPUT_DIR/sub-01.html`` (images
+inlined as base64 PNG, CSS/JS inline, nothing fetched from the network) and the figure PNGs
+into ``OUTPUT_DIR/sub-01/figures/``. Scans are the ``*_desc-anomaly_scores.json`` records
+found under ``sub-01/``; missing images or failed scans are reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import write_bytes, write_text
+from ..naming import ScanOutputs
+from . import figures
+from .html import (
+    AGEING_NOTE,
+    NA,
+    esc,
+    fmt_num,
+    fmt_score,
+    img,
+    is_missing,
+    kv_list,
+    page,
+    table,
+    to_bool,
+    to_float,
+)
+from .loaders import (
+    CrashFile,
+    ScanRecord,
+    crash_files,
+    find_scans,
+    load_volume,
+    read_tsv,
+    strip_prefix,
+)
+
+__all__ = ["build_participant_report", "MAX_REPORT_BYTES"]
+
+log = logging.getLogger(__name__)
+
+MAX_REPORT_BYTES = 5 * 1024 * 1024
+_BUDGET_BYTES = int(4.8 * 1024 * 1024)
+_CONTRASTS = ("T1w", "T2w", "FLAIR")
+DEFAULT_DISPLAY_Z = 3.0  # display threshold when neither a threshold nor a mask is available
+_MAX_CLUSTER_ROWS = 100
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class _Level:
+    """Image detail; reports with many scans step down to stay under the size limit."""
+
+    scale: float
+    qc_scale: float
+    n_slices: int
+    qc: bool = True
+    inline_all: bool = True  # False: inline only the overlay (input/recon stay PNG files)
+
+
+_LEVELS = (
+    _Level(2.0, 1.5, 8),
+    _Level(1.5, 1.0, 8),
+    _Level(1.0, 1.0, 6),
+    _Level(1.0, 1.0, 6, qc=False),
+    _Level(1.0, 1.0, 6, qc=False, inline_all=False),
+)
+
+_JS = """
+(function(){
+  document.querySelectorAll('input.overlay-toggle').forEach(function(cb){
+    var im=document.getElementById(cb.getAttribute('data-target'));
+    var base=document.getElementById(cb.getAttribute('data-base'));
+    if(!im||!base){return;}
+    var over=im.src;
+    cb.addEventListener('change',function(){
+      im.src=cb.checked?over:base.src;
+      im.alt=cb.checked?'input with anomaly overlay':'input without overlay';
+    });
+  });
+})();
+"""
+
+
+def build_participant_report(output_dir: Path, subject: str) -> Path:
+    """Write ``OUTPUT_DIR/sub-<subject>.html`` (and figure PNGs) and return its path."""
+    output_dir = Path(output_dir)
+    label = strip_prefix(subject, "sub") or str(subject)
+    scans = find_scans(output_dir, label)
+    crashes = crash_files(output_dir)
+    n_images = sum(1 for s in scans if not s.failed)
+    start = sum(n_images > n for n in (5, 10, 20, 40))
+    text, pngs = "", {}
+    for i, level in enumerate(_LEVELS[start:], start=start):
+        text, pngs = _render(output_dir, label, scans, crashes, level)
+        size = len(text.encode("utf-8"))
+        if size <= _BUDGET_BYTES or i == len(_LEVELS) - 1:
+            if size > MAX_REPORT_BYTES:
+                log.warning("participant report of sub-%s is %.1f MB", label, size / 2**20)
+            break
+    for rel, data in pngs.items():
+        write_bytes(output_dir / rel, data)
+    return write_text(output_dir / f"sub-{label}.html", text)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _render(output_dir: Path, label: str, scans: list[ScanRecord], crashes: list[CrashFile],
+            level: _Level) -> tuple[str, dict[Path, bytes]]:
+    pngs: dict[Path, bytes] = {}
+    sections = [_scan_section(output_dir, rec, level, pngs) for rec in scans]
+    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    group_link = ""
+    if (output_dir / "group_report.html").exists():
+        group_link = ' · <a href="group_report.html">group report</a>'
+    toc = "".join(
+        f'<li><a href="#{esc(_anchor(r))}">{esc(r.scan_id)}</a> {_badge(r)} '
+        f'<span class="muted small">score {esc(fmt_score(r.scores.get("score")))}</span></li>'
+        for r in scans
+    )
+    body = [
+        f"<h1>Anomaly report: sub-{esc(label)}</h1>",
+        f'<p class="muted small">bids-anomaly {esc(__version__)} · generated {esc(now)}'
+        f"{group_link}</p>",
+        f'<div class="note" data-testid="ageing-note"><b>Interpretation.</b> {esc(AGEING_NOTE)}'
+        "</div>",
+    ]
+    if not scans:
+        body.append(f'<p class="error">No scores found under sub-{esc(label)}/.</p>')
+    else:
+        body.append(f'<h2>Scans ({len(scans)})</h2><ul class="toc">{toc}</ul>')
+    body.extend(sections)
+    body.append(_crash_section(label, scans, crashes))
+    body.append(
+        '<p class="muted small">Mosaics show axial slices from inferior to superior in '
+        "template space, the subject's left on the image left. Figures are also saved as PNG "
+        f"files in sub-{esc(label)}/figures/.</p>"
+    )
+    return page(f"sub-{label} anomaly report", "\n".join(body), script=_JS), pngs
+
+
+def _anchor(rec: ScanRecord) -> str:
+    return "scan-" + rec.key.scan_id
+
+
+def _badge(rec: ScanRecord) -> str:
+    if rec.failed:
+        return '<span class="badge failed" data-testid="badge">FAILED</span>'
+    flagged = to_bool(rec.scores.get("flagged"))
+    if flagged is None:
+        return '<span class="badge unknown" data-testid="badge">n/a</span>'
+    if flagged:
+        return '<span class="badge flagged" data-testid="badge">FLAGGED</span>'
+    return '<span class="badge normal" data-testid="badge">normal</span>'
+
+
+def _figure(png: bytes, alt: str, caption: str, **attrs: str) -> str:
+    return f"<figure>{img(png, alt, **attrs)}<figcaption>{caption}</figcaption></figure>"
+
+
+def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
+                  pngs: dict[Path, bytes]) -> str:
+    s = rec.scores
+    sid = rec.key.scan_id
+    healthy = [v for v in (to_float(x) for x in (s.get("healthy_scores") or [])) if v is not None]
+    model = s.get("model") if isinstance(s.get("model"), dict) else {}
+    kpis = [
+        f'<span class="kpi">score <b data-testid="score">{esc(fmt_score(s.get("score")))}</b>'
+        "</span>",
+        f'<span class="kpi">percentile among healthy <b data-testid="percentile">'
+        f'{esc(fmt_num(s.get("percentile"), 1))}</b>'
+        + (f' <span class="muted small">(n={len(healthy)})</span>' if healthy else "")
+        + "</span>",
+    ]
+    details = [
+        ("flag threshold", fmt_score(s.get("threshold"))),
+        ("false-positive rate", fmt_num(s.get("default_fpr"), 6)),
+        ("clusters", fmt_num(s.get("n_clusters"), 0)),
+        ("anomaly volume (mm³)", fmt_num(s.get("anomaly_volume_mm3"), 1)),
+        ("model", model.get("name", NA)),
+        ("status", rec.status),
+    ]
+    out = [
+        f'<section class="scan" id="{esc(_anchor(rec))}" data-testid="scan-{esc(sid)}">',
+        f"<header><h2>{esc(rec.scan_id)}</h2>{_badge(rec)}{''.join(kpis)}</header>",
+        kv_list([(k, v) for k, v in details if not (k == "model" and v == NA)]),
+    ]
+    if rec.failed:
+        out.append(f'<div class="error" data-testid="scan-error"><b>Scan failed.</b> '
+                   f"{esc(rec.error or 'no error message recorded')}</div>")
+    figs_dir = (rec.outputs or ScanOutputs(rec.key)).figures_dir
+    if not rec.failed:
+        out.append(_images(output_dir, rec, level, pngs, figs_dir))
+        dist = figures.score_distribution(healthy, to_float(s.get("score")),
+                                          to_float(s.get("threshold")))
+        pngs[figs_dir / f"{sid}_desc-distribution_anomaly.png"] = dist
+        out.append("<h3>Score among the healthy reference</h3>")
+        out.append(_figure(dist, "score distribution",
+                           "Histogram and strip of the healthy calibration scores; the red "
+                           "line is this scan, the dashed line the flag threshold."))
+        out.append(_clusters(output_dir, rec))
+        if level.qc:
+            out.append(_qc(output_dir, rec, level, pngs, figs_dir))
+    out.append(_provenance(s))
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _images(output_dir: Path, rec: ScanRecord, level: _Level, pngs: dict[Path, bytes],
+            figs_dir: Path) -> str:
+    outs = rec.outputs or ScanOutputs(rec.key)
+    sid = rec.key.scan_id
+    contrasts = [c for c in _CONTRASTS if (output_dir / outs.preproc(c)).is_file()]
+    if not contrasts:
+        return '<p class="muted">No preprocessed image found; mosaics are not available.</p>'
+    stat = load_volume(output_dir / outs.template_statmap)
+    mask = load_volume(output_dir / outs.template_mask)
+    brain = load_volume(output_dir / outs.template_brain_mask)
+    thr = to_float(rec.scores.get("voxel_threshold", rec.scores.get("z_threshold")))
+    html_parts = ["<h3>Input, reconstruction and anomaly map</h3>"]
+    for i, contrast in enumerate(contrasts):
+        pre = load_volume(output_dir / outs.preproc(contrast))
+        if pre is None:
+            continue
+        recon = load_volume(output_dir / outs.recon(contrast))
+        st, mk, bm, rc = (v if v is not None and v.shape == pre.shape else None
+                          for v in (stat, mask, brain, recon))
+        t = thr
+        if t is None and mk is None and st is not None:
+            t = DEFAULT_DISPLAY_Z
+        figs = figures.anomaly_mosaics(
+            pre, rc if rc is not None else np.zeros_like(pre),
+            st if st is not None else np.zeros_like(pre), mk, t, brain_mask=bm,
+            n_slices=level.n_slices, scale=level.scale,
+        )
+        suffix = "" if contrast == "T1w" else contrast
+        rel_in = figs_dir / f"{sid}_desc-input{suffix}_anomaly.png"
+        rel_rc = figs_dir / f"{sid}_desc-recon{suffix}_anomaly.png"
+        pngs[rel_in] = figs["input"]
+        if rc is not None:
+            pngs[rel_rc] = figs["recon"]
+        if level.inline_all:
+            html_parts.append(_figure(figs["input"], f"{contrast} input",
+                                      f"Preprocessed input ({esc(contrast)}).",
+                                      id=f"input-{sid}-{contrast}"))
+            if rc is not None:
+                html_parts.append(_figure(figs["recon"], f"{contrast} reconstruction",
+                                          "Pseudo-healthy reconstruction by the model."))
+            else:
+                html_parts.append('<p class="muted">No reconstruction image found.</p>')
+        else:
+            links = [f'<a href="{esc(rel.as_posix())}">{esc(name)}</a>'
+                     for rel, name in ((rel_in, "input"), (rel_rc, "reconstruction"))
+                     if rel in pngs]
+            html_parts.append(f'<p class="muted small">{esc(contrast)} mosaics (not inlined to '
+                              f"keep this report small): {', '.join(links)}.</p>")
+        if i > 0:
+            continue  # the anomaly map is shown once, over the first contrast
+        if st is None and mk is None:
+            html_parts.append('<p class="muted">No anomaly map found.</p>')
+            continue
+        pngs[figs_dir / f"{sid}_desc-overlay_anomaly.png"] = figs["overlay"]
+        if figs["overlay"] == figs["input"]:  # nothing above threshold: do not inline twice
+            html_parts.append('<p class="muted" data-testid="no-overlay">The anomaly map has no '
+                              "voxel above the display threshold in these slices.</p>")
+            continue
+        if t is not None:
+            what = f"anomaly z-map where z ≥ {esc(fmt_num(t, 2))} (hot colours)"
+        else:
+            what = "anomaly z-map inside the anomaly mask (hot colours)"
+        if mk is not None and np.any(mk):
+            what += ", anomaly mask outlined in cyan"
+        elif mk is not None:
+            what += "; the anomaly mask is empty"
+        target = f"overlay-{sid}"
+        if not level.inline_all:
+            html_parts.append(_figure(figs["overlay"], "input with anomaly overlay",
+                                      f"Input with {what}."))
+            continue
+        html_parts.append(
+            f'<label class="toggle"><input type="checkbox" class="overlay-toggle" checked '
+            f'data-target="{esc(target)}" data-base="{esc(f"input-{sid}-{contrast}")}" '
+            f'data-testid="overlay-toggle-{esc(sid)}"> show anomaly overlay</label>'
+        )
+        html_parts.append(_figure(figs["overlay"], "input with anomaly overlay",
+                                  f"Input with {what}.", id=target))
+    return "\n".join(html_parts)
+
+
+def _clusters(output_dir: Path, rec: ScanRecord) -> str:
+    outs = rec.outputs or ScanOutputs(rec.key)
+    path = output_dir / outs.clusters
+    head = "<h3>Anomaly clusters</h3>"
+    if not path.is_file():
+        return head + '<p class="muted">No cluster table found.</p>'
+    try:
+        columns, rows = read_tsv(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        return head + f'<p class="error">Cannot read {esc(path.name)}: {esc(exc)}</p>'
+    if not rows:
+        return head + '<p class="muted">No clusters above threshold.</p>'
+    numeric = {c for c in columns if c != "hemisphere" and all(
+        is_missing(r[c]) or to_float(r[c]) is not None for r in rows)}
+    cells = [[fmt_num(r[c], 2) if c in numeric else r[c] for c in columns]
+             for r in rows[:_MAX_CLUSTER_ROWS]]
+    more = ""
+    if len(rows) > _MAX_CLUSTER_ROWS:
+        more = (f'<p class="muted small">Showing {_MAX_CLUSTER_ROWS} of {len(rows)} clusters; '
+                f"see {esc(outs.clusters)}.</p>")
+    return (head + table(columns, cells, numeric, testid=f"clusters-{rec.key.scan_id}") + more
+            + '<p class="muted small">Centroids in template mm (MNI152NLin2009aSym).</p>')
+
+
+def _qc(output_dir: Path, rec: ScanRecord, level: _Level, pngs: dict[Path, bytes],
+        figs_dir: Path) -> str:
+    outs = rec.outputs or ScanOutputs(rec.key)
+    sid = rec.key.scan_id
+    qc = rec.scores.get("qc") if isinstance(rec.scores.get("qc"), dict) else {}
+    parts = ["<h3>Quality control</h3>"]
+    given = {k: _existing_png(output_dir, qc.get(k)) for k in ("mask_contour_png",
+                                                             "registration_png")}
+    pre = bm = None
+    if given["mask_contour_png"] is None or given["registration_png"] is None:
+        pre = load_volume(output_dir / outs.preproc("T1w"))
+        if pre is None:
+            for c in _CONTRASTS[1:]:
+                pre = load_volume(output_dir / outs.preproc(c))
+                if pre is not None:
+                    break
+        bm = load_volume(output_dir / outs.template_brain_mask)
+    # Brain mask contour.
+    png = given["mask_contour_png"]
+    if png is None and pre is not None and bm is not None and bm.shape == pre.shape:
+        png = figures.mask_contour(pre, bm, scale=level.qc_scale)
+        pngs[figs_dir / f"{sid}_desc-brainmask_qc.png"] = png
+    if png is not None:
+        parts.append(_figure(png, "brain mask contour",
+                             "Brain mask (green outline) over the preprocessed image."))
+    else:
+        parts.append('<p class="muted">Brain-mask QC not available.</p>')
+    # Registration edges.
+    png = given["registration_png"]
+    if png is None and pre is not None:
+        tpl = _template(outs.res)
+        if tpl is not None and tpl.t1.shape == pre.shape:
+            png = figures.registration_edges(pre, tpl.t1, template_mask=tpl.mask,
+                                             scale=level.qc_scale, n_slices=5)
+            pngs[figs_dir / f"{sid}_desc-registration_qc.png"] = png
+    if png is not None:
+        parts.append(_figure(png, "registration edges",
+                             "Template edges (red) over the registered image: edges should "
+                             "follow the brain outline, ventricles and major sulci."))
+    else:
+        parts.append('<p class="muted">Registration QC not available.</p>')
+    return "\n".join(parts)
+
+
+def _template(res: int):
+    try:
+        from ..templates import load_template
+
+        return load_template(res)
+    except Exception as exc:  # noqa: BLE001 - QC figure is optional
+        log.warning("template not available for the registration QC figure: %s", exc)
+        return None
+
+
+def _existing_png(output_dir: Path, rel: Any) -> bytes | None:
+    """Bytes of a PNG given relative to OUTPUT_DIR (must stay inside it), else None."""
+    if is_missing(rel) or not isinstance(rel, str):
+        return None
+    root = output_dir.resolve()
+    path = (output_dir / rel).resolve()
+    if root != path and root not in path.parents:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if data.startswith(_PNG_MAGIC) and len(data) < 2 * 1024 * 1024 else None
+
+
+def _short(value: Any, limit: int = 400) -> Any:
+    if isinstance(value, dict | list):
+        value = json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - 1] + "…"
+    return value
+
+
+def _provenance(s: dict) -> str:
+    model = s.get("model") if isinstance(s.get("model"), dict) else {}
+    prov = s.get("provenance") if isinstance(s.get("provenance"), dict) else {}
+    if not model and not prov:
+        return ""
+    items: list[tuple[str, Any]] = []
+    for k in ("name", "type", "sha256"):
+        if not is_missing(model.get(k)):
+            items.append((f"model {k}", model[k]))
+    card = model.get("card") if isinstance(model.get("card"), dict) else {}
+    items.extend((f"card: {k}", _short(v)) for k, v in list(card.items())[:40])
+    if not is_missing(prov.get("command")):
+        items.append(("command", _short(prov["command"], 2000)))
+    if not is_missing(prov.get("date")):
+        items.append(("date", prov["date"]))
+    versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    if versions:
+        items.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))))
+    return ("<details><summary>Provenance and model card</summary>"
+            f"{kv_list(items)}</details>")
+
+
+def _crash_section(label: str, scans: list[ScanRecord], crashes: list[CrashFile]) -> str:
+    if not crashes:
+        return ""
+    mine = [c for c in crashes if c.mentions(label)]
+    note = ""
+    if not mine and any(s.failed for s in scans):
+        mine = crashes
+        note = ('<p class="muted small">These crash files could not be attributed to a '
+                "participant; all are listed.</p>")
+    if not mine:
+        return ""
+    items = []
+    for c in mine:
+        head = f"<pre>{esc(chr(10).join(c.head))}</pre>" if c.head else ""
+        items.append(f"<li><code>{esc(c.path)}</code>{head}</li>")
+    return (f'<h2>Crash files</h2>{note}<ul data-testid="crash-files">{"".join(items)}</ul>')

@@ -1,0 +1,325 @@
+"""Run levels end to end: train, participant (score), group, report; returns a summary.
+
+The CLI builds a :class:`~bids_anomaly.config.RunConfig` and calls these; no click here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nipype import Node, Workflow
+
+from . import __version__
+from .bids_io import derivatives
+from .bids_io.discovery import ScanInput, discover_scans, healthy_subjects
+from .config import RunConfig, TrainConfig
+from .errors import (
+    BidsAnomalyError,
+    BundleError,
+    DataError,
+    EmptySelectionError,
+    ExitCode,
+    TrainingError,
+)
+from .paths import ensure_writable_dir, validate_run_paths
+from .preprocessing.checks import load_checked
+from .versions import software_versions
+from .workflows.base import (
+    Failure,
+    failures_from_crashes,
+    node_name,
+    node_result_file,
+    parse_crash,
+    preprocessing_workflow,
+    run_workflow,
+)
+from .workflows.interfaces import DerivativesSink, Fit, Score
+
+LOG = logging.getLogger("bids_anomaly")
+
+
+@dataclass
+class ScanStatus:
+    scan_id: str
+    status: str
+    message: str = ""
+    code: ExitCode = ExitCode.OK
+
+
+@dataclass
+class RunSummary:
+    """What a run did: one status per scan, paths worth printing, and the exit code."""
+
+    level: str
+    scans: list[ScanStatus] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[ScanStatus]:
+        return [s for s in self.scans if s.status != "ok"]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        codes = {s.code for s in self.failed}
+        if not codes:
+            return ExitCode.OK
+        return codes.pop() if len(codes) == 1 else ExitCode.FAILURE
+
+
+def provenance(cfg: RunConfig) -> dict:
+    return {"command": cfg.command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "versions": {"bids-anomaly": __version__, **software_versions()}}
+
+
+def setup_run(cfg: RunConfig) -> Path:
+    """Validate folders, create OUTPUT_DIR and the work dir, attach a log file."""
+    validate_run_paths(cfg.bids_dir, cfg.output_dir, cfg.work_dir)
+    ensure_writable_dir(cfg.output_dir, "OUTPUT_DIR")
+    ensure_writable_dir(cfg.work_dir, "work directory")
+    logs = ensure_writable_dir(cfg.output_dir / "logs", "log directory")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    handler = logging.FileHandler(logs / f"run-{stamp}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    return logs
+
+
+def discover(cfg: RunConfig) -> list[ScanInput]:
+    return discover_scans(cfg.bids_dir, cfg.selection, database_dir=cfg.work_dir / "bids_db",
+                          validate=not cfg.skip_bids_validation)
+
+
+def precheck(scans: list[ScanInput]) -> tuple[list[ScanInput], dict[str, Failure]]:
+    """Cheap input checks before any workflow runs: bad scans are set aside with a reason."""
+    good, bad = [], {}
+    for scan in scans:
+        try:
+            for path in scan.files.values():
+                load_checked(path)
+            good.append(scan)
+        except BidsAnomalyError as exc:
+            LOG.error("%s: %s", scan.key.scan_id, exc)
+            bad[scan.key.scan_id] = Failure(scan.key.scan_id, str(exc), exc.exit_code)
+    return good, bad
+
+
+def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str
+                      ) -> tuple[dict[str, Path], dict[str, Failure]]:
+    wf, nodes = preprocessing_workflow(scans, cfg.preproc, cfg.work_dir,
+                                       cfg.resources.threads_per_node, cfg.seed, device)
+    if not scans:
+        return {}, {}
+    crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
+    names = {node.name: sid for sid, node in nodes.items()}
+    failures = failures_from_crashes(crashes, names)
+    done = {}
+    for sid, node in nodes.items():
+        if sid in failures:
+            continue
+        res = node_result_file(wf, node, "result")
+        if res is None or not res.exists():
+            failures[sid] = Failure(sid, "preprocessing did not finish (see logs/)")
+        else:
+            done[sid] = res
+    return done, failures
+
+
+def _resolve_device(cfg: RunConfig) -> str:
+    from .training import resolve_device
+
+    try:
+        return resolve_device(cfg.resources.device)
+    except RuntimeError as exc:
+        raise DataError(str(exc)) from exc
+
+
+def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
+    """Preprocess the healthy cohort (fan-out), then fit and calibrate one model bundle."""
+    t0 = time.perf_counter()
+    setup_run(cfg)
+    device = _resolve_device(cfg)
+    scans = discover(cfg)
+    subjects = sorted({s.key.subject for s in scans})
+    healthy = set(healthy_subjects(cfg.bids_dir, subjects, cfg.selection.healthy_filter))
+    scans = [s for s in scans if s.key.subject in healthy]
+    good, failed = precheck(scans)
+    done, pfail = run_preprocessing(cfg, good, device)
+    failed.update(pfail)
+    summary = RunSummary("train", [ScanStatus(f.scan_id, "failed", f.message, f.code)
+                                   for f in failed.values()])
+    ok = [s for s in good if s.key.scan_id in done]
+    if len({s.key.subject for s in ok}) < 2:
+        raise EmptySelectionError(
+            f"training needs at least 2 healthy participants that preprocess cleanly; "
+            f"{len(ok)} scan(s) available"
+        )
+    dest = cfg.output_dir / "models" / tcfg.name
+    threads = max(1, cfg.resources.nprocs if cfg.resources.omp_nthreads == 0
+                  else cfg.resources.omp_nthreads)
+    spec = {
+        "subjects": [s.key.subject for s in ok],
+        "scan_ids": [s.key.scan_id for s in ok],
+        "contrasts": list(cfg.selection.contrasts),
+        "model_type": tcfg.model_type,
+        "model_name": tcfg.name,
+        "model_config": dict(tcfg.model_config),
+        "preproc": cfg.preproc.to_dict(),
+        "calibration_fraction": tcfg.calibration_fraction,
+        "dataset": str(cfg.bids_dir.resolve()),
+        "seed": cfg.seed,
+        "device": device,
+        "threads": threads,
+        "checkpoint": str(cfg.work_dir / "train" / tcfg.name / "checkpoint.pt"),
+        "resume": tcfg.resume,
+    }
+    wf = Workflow(name=f"train_{node_name('wf', tcfg.name)}", base_dir=str(cfg.work_dir))
+    node = Node(Fit(), name="fit", n_procs=threads, mem_gb=3.0)
+    node.inputs.preproc = [str(done[s.key.scan_id]) for s in ok]
+    node.inputs.spec = spec
+    node.inputs.dest = str(dest)
+    node.inputs.use_gpu = device.startswith("cuda")
+    node.overwrite = True  # the bundle is the product: always (re)write it
+    wf.add_nodes([node])
+    crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
+    if crashes:
+        _, msg, _ = parse_crash(crashes[-1])
+        raise TrainingError(f"training failed: {msg} (crash file: {crashes[-1]})")
+    summary.scans += [ScanStatus(s.key.scan_id, "ok") for s in ok]
+    summary.outputs["bundle"] = str(dest)
+    try:
+        from .reports.training import build_training_report
+
+        summary.outputs["training_report"] = str(build_training_report(dest))
+    except ImportError:
+        pass
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def resolve_model(model: str, output_dir: Path) -> Path:
+    """A bundle path, or a name under OUTPUT_DIR/models/."""
+    p = Path(model)
+    if (p / "model.json").exists():
+        return p
+    named = output_dir / "models" / model
+    if (named / "model.json").exists():
+        return named
+    raise BundleError(
+        f"model bundle '{model}' not found (looked for {p / 'model.json'} and "
+        f"{named / 'model.json'})"
+    )
+
+
+def run_participant(cfg: RunConfig, model: str) -> RunSummary:
+    """Score every selected scan with a bundle; write derivatives and participant reports."""
+    from .models.bundle import load_bundle
+
+    t0 = time.perf_counter()
+    setup_run(cfg)
+    device = _resolve_device(cfg)
+    bundle = load_bundle(resolve_model(model, cfg.output_dir))
+    from dataclasses import replace
+
+    pre = replace(cfg.preproc, **{k: v for k, v in bundle.card["preprocessing"].items()
+                                  if k in cfg.preproc.to_dict()})
+    cfg = replace(cfg, preproc=pre,
+                  selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
+    scans = discover(cfg)
+    derivatives.ensure_dataset(cfg.output_dir, cfg.bids_dir)
+    prov = provenance(cfg)
+    good, failed = precheck(scans)
+    done, pfail = run_preprocessing(cfg, good, device)
+    failed.update(pfail)
+    wf = Workflow(name="score_wf", base_dir=str(cfg.work_dir))
+    names = {}
+    threads = cfg.resources.threads_per_node
+    for scan in good:
+        sid = scan.key.scan_id
+        if sid not in done:
+            continue
+        score = Node(Score(), name=node_name("score", sid), n_procs=threads, mem_gb=1.0)
+        score.inputs.preproc = str(done[sid])
+        score.inputs.bundle = str(bundle.path.resolve())
+        score.inputs.bundle_sha256 = bundle.weights_sha256
+        score.inputs.device = device
+        score.inputs.threads = threads
+        score.inputs.use_gpu = device.startswith("cuda")
+        sink = Node(DerivativesSink(), name=node_name("sink", sid))
+        sink.overwrite = True
+        sink.inputs.output_dir = str(cfg.output_dir.resolve())
+        sink.inputs.bids_dir = str(cfg.bids_dir.resolve())
+        sink.inputs.key = {"subject": scan.key.subject, "session": scan.key.session,
+                           "run": scan.key.run, "acquisition": scan.key.acquisition}
+        sink.inputs.preproc = str(done[sid])
+        sink.inputs.sources = {c: str(p.resolve()) for c, p in scan.files.items()}
+        sink.inputs.provenance = prov
+        sink.inputs.resolution = int(bundle.card["resolution"])
+        wf.connect(score, "files", sink, "files")
+        names[score.name] = sid
+        names[sink.name] = sid
+    if names:
+        crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
+        failed.update(failures_from_crashes(crashes, names))
+    summary = RunSummary("participant")
+    for scan in scans:
+        sid = scan.key.scan_id
+        if sid in failed:
+            f = failed[sid]
+            derivatives.write_failure(cfg.output_dir, scan.key, f.message, prov)
+            summary.scans.append(ScanStatus(sid, "failed", f.message, f.code))
+        else:
+            summary.scans.append(ScanStatus(sid, "ok"))
+    summary.outputs.update(build_reports(cfg.output_dir, sorted({s.key.subject for s in scans})))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def build_reports(output_dir: Path, subjects: list[str]) -> dict[str, str]:
+    """Participant reports; a report that fails is logged, never fatal."""
+    from .reports import build_participant_report
+
+    out = {}
+    for subject in subjects:
+        try:
+            out[f"sub-{subject}"] = str(build_participant_report(output_dir, subject))
+        except Exception as exc:  # a report must never lose the run's results
+            LOG.error("participant report for sub-%s failed: %s", subject, exc)
+    return out
+
+
+def run_group(output_dir: Path) -> RunSummary:
+    """Group level: the table of every scan and the group report."""
+    from .reports import build_group_report
+
+    t0 = time.perf_counter()
+    ensure_writable_dir(output_dir, "OUTPUT_DIR")
+    df = derivatives.write_group_table(output_dir)
+    if df.empty:
+        raise EmptySelectionError(
+            f"no scored participants in {output_dir}: run the participant level first"
+        )
+    summary = RunSummary("group")
+    for _, row in df.iterrows():
+        summary.scans.append(ScanStatus(
+            row["scan_id"], row["status"], row["error"] if isinstance(row["error"], str) else "",
+            ExitCode.OK))
+    summary.outputs["group_table"] = str(output_dir / "group_anomaly.tsv")
+    summary.outputs["group_report"] = str(build_group_report(output_dir))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def run_reports(output_dir: Path, level: str, subjects: list[str] | None = None) -> RunSummary:
+    """Rebuild reports from existing derivatives, without recomputing anything."""
+    if level == "group":
+        return run_group(output_dir)
+    if not subjects:
+        subjects = sorted(p.name[4:] for p in output_dir.glob("sub-*") if p.is_dir())
+    summary = RunSummary("report")
+    summary.outputs.update(build_reports(output_dir, subjects))
+    return summary

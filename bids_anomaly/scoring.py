@@ -1,0 +1,150 @@
+"""From a raw residual to calibrated outputs: statmap, mask, clusters, per-scan score."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """Post-processing and scoring choices (stored in the bundle with the calibration)."""
+
+    erosion: int = 2
+    median_size: int = 3
+    min_cluster_voxels: int = 8
+    top_fraction: float = 0.01
+    flag_percentile: float = 95.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Calibration:
+    """Healthy reference, measured on held-out healthy participants the model never saw."""
+
+    mu: float
+    sd: float
+    thresholds: dict[str, float]
+    default_fpr: str
+    healthy_scores: list[float]
+    params: ScoringParams = field(default_factory=ScoringParams)
+    participants: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params"] = self.params.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        d = dict(d)
+        d["params"] = ScoringParams(**d.get("params", {}))
+        return cls(**d)
+
+
+def postprocess(raw: np.ndarray, mask: np.ndarray, params: ScoringParams
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Median-filter the residual and keep it inside the brain mask eroded by ``erosion``."""
+    eroded = mask.astype(bool)
+    if params.erosion > 0:
+        eroded = ndimage.binary_erosion(eroded, iterations=params.erosion)
+    out = raw.astype(np.float32)
+    if params.median_size > 1:
+        out = ndimage.median_filter(out, size=params.median_size)
+    return out * eroded, eroded
+
+
+def to_statmap(anomaly: np.ndarray, eroded: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """Standardise against the healthy residual distribution (0 outside the eroded brain)."""
+    z = (anomaly - mu) / (sd if sd > 0 else 1.0)
+    return np.where(eroded, z, 0.0).astype(np.float32)
+
+
+def scan_score(statmap: np.ndarray, eroded: np.ndarray, top_fraction: float) -> float:
+    """Mean of the top ``top_fraction`` of in-brain statmap values (robust to lone voxels)."""
+    vals = statmap[eroded]
+    if vals.size == 0:
+        return float("nan")
+    k = max(1, int(round(top_fraction * vals.size)))
+    return float(np.mean(np.partition(vals, vals.size - k)[-k:]))
+
+
+def percentile_among(score: float, healthy: list[float]) -> float:
+    """Percentile of ``score`` under a normal fit to the healthy scores (0-100)."""
+    h = np.asarray(healthy, dtype=float)
+    if h.size == 0 or not np.isfinite(score):
+        return float("nan")
+    mean = float(h.mean())
+    sd = float(h.std(ddof=1)) if h.size > 1 else 0.0
+    sd = max(sd, 0.1 * abs(mean), 1e-6)
+    return float(100.0 * 0.5 * (1.0 + math.erf((score - mean) / (sd * math.sqrt(2.0)))))
+
+
+def threshold_mask(statmap: np.ndarray, threshold: float, min_cluster_voxels: int) -> np.ndarray:
+    """Binary mask of ``statmap > threshold`` without clusters smaller than the minimum."""
+    mask = statmap > threshold
+    if min_cluster_voxels > 1 and mask.any():
+        lab, n = ndimage.label(mask)
+        sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+        keep = np.zeros(n + 1, bool)
+        keep[1:] = sizes >= min_cluster_voxels
+        mask = keep[lab]
+    return mask
+
+
+CLUSTER_COLUMNS = ["cluster_id", "size_mm3", "peak_z", "mean_z", "centroid_x", "centroid_y",
+                   "centroid_z", "hemisphere"]
+
+
+def clusters_table(statmap: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    """One row per connected cluster of ``mask``, largest first, in template mm coordinates."""
+    lab, n = ndimage.label(mask)
+    vox_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    rows = []
+    for i in range(1, n + 1):
+        sel = lab == i
+        ijk = np.argwhere(sel).mean(axis=0)
+        xyz = affine[:3, :3] @ ijk + affine[:3, 3]
+        hemi = "left" if xyz[0] < -2 else "right" if xyz[0] > 2 else "midline"
+        vals = statmap[sel]
+        rows.append([0, float(sel.sum()) * vox_mm3, float(vals.max()), float(vals.mean()),
+                     *(round(float(c), 1) for c in xyz), hemi])
+    df = pd.DataFrame(rows, columns=CLUSTER_COLUMNS)
+    df = df.sort_values("size_mm3", ascending=False).reset_index(drop=True)
+    df["cluster_id"] = np.arange(1, len(df) + 1)
+    return df
+
+
+@dataclass
+class ScanResult:
+    """Template-space outputs of scoring one scan."""
+
+    recon: np.ndarray
+    statmap: np.ndarray
+    mask: np.ndarray
+    score: float
+    percentile: float
+    flagged: bool
+    threshold: float
+    clusters: pd.DataFrame
+
+
+def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
+                 affine: np.ndarray, device: str = "cpu") -> ScanResult:
+    """Reconstruct, standardise, threshold and score one template-space volume."""
+    recon, raw = model.residual(volume, brain, device=device)
+    anomaly, eroded = postprocess(raw, brain, calib.params)
+    statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
+    thr = float(calib.thresholds[calib.default_fpr])
+    mask = threshold_mask(statmap, thr, calib.params.min_cluster_voxels)
+    score = scan_score(statmap, eroded, calib.params.top_fraction)
+    pct = percentile_among(score, calib.healthy_scores)
+    return ScanResult(recon, statmap, mask, score, pct,
+                      bool(np.isfinite(pct) and pct >= calib.params.flag_percentile), thr,
+                      clusters_table(statmap, mask, affine))

@@ -1,0 +1,157 @@
+"""The training loop shared by every learned model.
+
+Seeded per epoch (so a resumed run repeats an uninterrupted one), early stopping on the
+validation loss, a checkpoint after every epoch, AMP and pinned memory on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models.base import FitContext
+
+LOG = logging.getLogger("bids_anomaly")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; validates explicit choices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} requested but no CUDA device is available")
+    return device
+
+
+def augment(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
+    """Random left-right flips and in-plane shifts (same for image and mask)."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-2), x)
+    m = torch.where(flip[:, None, None, None].to(m.device), m.flip(-2), m)
+    if shift > 0:
+        dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+        x = torch.roll(x, (dx, dy), dims=(-2, -1))
+        m = torch.roll(m, (dx, dy), dims=(-2, -1))
+    return x, m
+
+
+class TorchTrainer:
+    """Fits ``net`` to map ``make_input(clean)`` back to ``clean`` (masked MSE)."""
+
+    def __init__(self, net: torch.nn.Module, hparams: dict, ctx: FitContext):
+        self.net = net
+        self.hp = hparams
+        self.ctx = ctx
+
+    def _save(self, state: dict) -> None:
+        if not self.ctx.checkpoint:
+            return
+        path = Path(self.ctx.checkpoint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        m: torch.Tensor,
+        xv: torch.Tensor | None,
+        mv: torch.Tensor | None,
+        make_input: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    ) -> dict:
+        ctx, hp = self.ctx, self.hp
+        device = resolve_device(ctx.device)
+        cuda = device.startswith("cuda")
+        if not cuda:
+            torch.set_num_threads(max(1, ctx.threads))
+        torch.manual_seed(ctx.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        net = self.net.to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"])
+        epochs = int(hp["epochs"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+        scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+        if cuda:
+            x, m = x.pin_memory(), m.pin_memory()
+        history: list[dict] = []
+        best = (math.inf, None, -1)
+        start_epoch = 0
+        if ctx.resume and ctx.checkpoint and Path(ctx.checkpoint).exists():
+            state = torch.load(ctx.checkpoint, map_location=device, weights_only=True)
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            history = state["history"]
+            best = (state["best_loss"], state["best_net"], state["best_epoch"])
+            start_epoch = state["epoch"] + 1
+            LOG.info("Resuming training from epoch %d (%s)", start_epoch + 1, ctx.checkpoint)
+        bs = int(hp["batch_size"])
+        t0 = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            te = time.perf_counter()
+            gen = torch.Generator().manual_seed(ctx.seed * 100003 + epoch)
+            net.train()
+            order = torch.randperm(len(x), generator=gen)
+            total, seen = 0.0, 0
+            for i in range(0, len(order), bs):
+                idx = order[i : i + bs]
+                xb = x[idx].to(device, non_blocking=True)
+                mb = m[idx].to(device, non_blocking=True)
+                xb, mb = augment(xb, mb, int(hp["shift"]), gen)
+                inp = make_input(xb, mb, gen)
+                with torch.autocast(device_type="cuda", enabled=cuda):
+                    out = net(inp)
+                    loss = F.mse_loss(out.float() * mb, xb * mb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            sched.step()
+            train_loss = total / max(1, seen)
+            val_loss = self.validate(xv, mv, make_input, device) if xv is not None else train_loss
+            dt = time.perf_counter() - te
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                   "seconds": dt, "samples_per_s": seen / dt if dt > 0 else 0.0}
+            history.append(rec)
+            if val_loss < best[0]:
+                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                best = (val_loss, best_state, epoch + 1)
+            self._save({"net": net.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "history": history, "epoch": epoch,
+                        "best_loss": best[0], "best_net": best[1], "best_epoch": best[2]})
+            if ctx.progress:
+                ctx.progress({**rec, "epochs": epochs})
+            LOG.info("epoch %d/%d train %.5f val %.5f (%.1f s, %.0f slices/s)", epoch + 1,
+                     epochs, train_loss, val_loss, dt, rec["samples_per_s"])
+            if epoch + 1 - best[2] >= int(hp["patience"]):
+                LOG.info("Early stopping: no validation improvement for %d epochs", hp["patience"])
+                break
+            if (time.perf_counter() - t0) / 60.0 > float(hp["max_minutes"]):
+                LOG.info("Stopping: time budget of %.1f min reached", hp["max_minutes"])
+                break
+        if best[1] is not None:
+            net.load_state_dict(best[1])
+        net.cpu().eval()
+        return {"history": history, "best_epoch": best[2], "best_val_loss": best[0],
+                "device": device}
+
+    @torch.no_grad()
+    def validate(self, xv, mv, make_input, device) -> float:
+        self.net.eval()
+        gen = torch.Generator().manual_seed(self.ctx.seed + 7)
+        total = 0.0
+        for i in range(0, len(xv), 64):
+            xb, mb = xv[i : i + 64].to(device), mv[i : i + 64].to(device)
+            out = self.net(make_input(xb, mb, gen))
+            total += float(F.mse_loss(out.float() * mb, xb * mb)) * len(xb)
+        return total / max(1, len(xv))

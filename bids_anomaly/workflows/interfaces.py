@@ -1,0 +1,132 @@
+"""Thin nipype interfaces over the library's plain functions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _PreprocessInput(BaseInterfaceInputSpec):
+    t1w = File(exists=True, mandatory=True, desc="T1w image")
+    extra = traits.Dict(traits.Str, File(exists=True), desc="other contrasts: name → image")
+    config = traits.Dict(mandatory=True, desc="PreprocConfig.to_dict()")
+    threads = traits.Int(1, usedefault=True)
+    seed = traits.Int(0, usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+
+
+class _PreprocessOutput(TraitedSpec):
+    result = File(exists=True, desc="preproc.json describing the outputs")
+
+
+class Preprocess(SimpleInterface):
+    """Wraps :func:`bids_anomaly.preprocessing.pipeline.preprocess_scan`."""
+
+    input_spec = _PreprocessInput
+    output_spec = _PreprocessOutput
+
+    def _run_interface(self, runtime):
+        from ..config import PreprocConfig
+        from ..preprocessing.pipeline import preprocess_scan
+
+        files = {"T1w": self.inputs.t1w, **dict(self.inputs.extra)}
+        preprocess_scan(files, Path(runtime.cwd), PreprocConfig.from_dict(self.inputs.config),
+                        threads=self.inputs.threads, seed=self.inputs.seed,
+                        device=self.inputs.device)
+        self._results["result"] = os.path.join(runtime.cwd, "preproc.json")
+        return runtime
+
+
+class _ScoreInput(BaseInterfaceInputSpec):
+    preproc = File(exists=True, mandatory=True)
+    bundle = traits.Directory(exists=True, mandatory=True)
+    bundle_sha256 = traits.Str(desc="weights checksum, so a new bundle invalidates the cache")
+    device = traits.Str("cpu", usedefault=True)
+    threads = traits.Int(1, usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="tells nipype's GPU queue")
+
+
+class _ScoreOutput(TraitedSpec):
+    files = traits.Dict(desc="files written by score_preprocessed")
+
+
+class Score(SimpleInterface):
+    """Wraps :func:`bids_anomaly.infer.score_preprocessed`."""
+
+    input_spec = _ScoreInput
+    output_spec = _ScoreOutput
+
+    def _run_interface(self, runtime):
+        from ..infer import score_preprocessed
+
+        self._results["files"] = score_preprocessed(
+            self.inputs.preproc, self.inputs.bundle, Path(runtime.cwd),
+            device=self.inputs.device, threads=self.inputs.threads)
+        return runtime
+
+
+class _SinkInput(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True)
+    bids_dir = traits.Str(mandatory=True)
+    key = traits.Dict(mandatory=True, desc="ScanKey fields")
+    files = traits.Dict(mandatory=True)
+    preproc = File(exists=True, mandatory=True)
+    sources = traits.Dict(mandatory=True)
+    provenance = traits.Dict()
+    resolution = traits.Int(2, usedefault=True)
+
+
+class _SinkOutput(TraitedSpec):
+    record = traits.Dict()
+
+
+class DerivativesSink(SimpleInterface):
+    """Wraps :func:`bids_anomaly.bids_io.derivatives.sink_scan`."""
+
+    input_spec = _SinkInput
+    output_spec = _SinkOutput
+
+    def _run_interface(self, runtime):
+        from ..bids_io.derivatives import sink_scan
+        from ..naming import ScanKey
+
+        pre = json.loads(Path(self.inputs.preproc).read_text())
+        self._results["record"] = sink_scan(
+            Path(self.inputs.output_dir), ScanKey(**self.inputs.key), dict(self.inputs.files),
+            pre, Path(self.inputs.bids_dir), dict(self.inputs.sources),
+            dict(self.inputs.provenance), self.inputs.resolution)
+        return runtime
+
+
+class _FitInput(BaseInterfaceInputSpec):
+    preproc = traits.List(File(exists=True), mandatory=True)
+    spec = traits.Dict(mandatory=True, desc="FitInputs fields except preproc_jsons")
+    dest = traits.Str(mandatory=True, desc="bundle directory to write")
+    use_gpu = traits.Bool(False, usedefault=True, desc="tells nipype's GPU queue")
+
+
+class _FitOutput(TraitedSpec):
+    bundle = traits.Directory(exists=True)
+
+
+class Fit(SimpleInterface):
+    """Wraps :func:`bids_anomaly.fit.fit_bundle`."""
+
+    input_spec = _FitInput
+    output_spec = _FitOutput
+
+    def _run_interface(self, runtime):
+        from ..fit import FitInputs, fit_bundle
+
+        inputs = FitInputs(preproc_jsons=list(self.inputs.preproc), **self.inputs.spec)
+        self._results["bundle"] = str(fit_bundle(inputs, Path(self.inputs.dest)))
+        return runtime

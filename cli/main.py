@@ -1,0 +1,402 @@
+"""``bids-anomaly``: the command line (BIDS-App positional form and subcommands).
+
+This module parses and validates options, builds the configuration dataclasses and prints
+results; all science lives in the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from bids_anomaly import __version__
+from bids_anomaly.errors import BidsAnomalyError, ExitCode, UnknownAnalysisLevelError, UsageError
+
+from .argv import expand_greedy
+from .console import console, print_evaluation, print_summary, setup_logging
+
+LEVELS = ("participant", "group")
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _parse_mem(ctx, param, value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)I?B?\s*", str(value).upper())
+    if not m:
+        raise click.BadParameter(f"'{value}' is not a memory size such as 8GB or 500MB")
+    scale = {"": 1.0, "K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def _parse_plugin_args(ctx, param, value):
+    if not value:
+        return {}
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"expected JSON or a JSON file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter("expected a JSON object")
+    return data
+
+
+def _parse_healthy(ctx, param, values):
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"'{v}' is not COLUMN=VALUE (e.g. group=control)")
+        col, val = v.split("=", 1)
+        out.append((col.strip(), val.strip()))
+    return tuple(out)
+
+
+def _device(ctx, param, value):
+    if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
+        raise click.BadParameter(f"'{value}' is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def selection_options(f):
+    """Options that choose scans (fMRIPrep/MRIQC spellings, '-' and '_' both accepted)."""
+    f = click.option("--bids-filter-file", "--bids_filter_file", "bids_filter_file",
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     help="JSON file of pybids filters per contrast, e.g. "
+                          '{"t1w": {"acquisition": "mprage"}}.')(f)
+    f = click.option("--session-label", "--session_label", "session_label", multiple=True,
+                     metavar="LABEL [LABEL ...]",
+                     help="Sessions to process (with or without 'ses-').")(f)
+    f = click.option("--participant-label", "--participant_label", "participant_label",
+                     multiple=True, metavar="LABEL [LABEL ...]",
+                     help="Participants to process (with or without 'sub-'); default: all.")(f)
+    return f
+
+
+def run_options(f):
+    """Resource and behaviour options shared by train and score."""
+    opts = [
+        click.option("-w", "--work-dir", "--work_dir", "work_dir",
+                     type=click.Path(file_okay=False, path_type=Path),
+                     help="Work directory (cache; a re-run resumes from it). "
+                          "Default: OUTPUT_DIR/../bids-anomaly-work. Put it on local scratch."),
+        click.option("--nprocs", "--n-cpus", "--nthreads", "nprocs", type=click.IntRange(1),
+                     help="Processes nipype may run at once (default: all available cores)."),
+        click.option("--omp-nthreads", "--omp_nthreads", "omp_nthreads", type=click.IntRange(0),
+                     default=0, show_default=True,
+                     help="Threads per process (torch, ITK); 0 picks for you."),
+        click.option("--mem", "--mem-gb", "--mem_gb", "mem", callback=_parse_mem,
+                     help="Memory limit for scheduling, e.g. 8GB."),
+        click.option("--device", default="auto", show_default=True, callback=_device,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--plugin", "--use-plugin", "plugin", type=click.Choice(PLUGINS),
+                     default="MultiProc", show_default=True, help="nipype execution plugin."),
+        click.option("--plugin-args", "--plugin_args", "plugin_args",
+                     callback=_parse_plugin_args,
+                     help="nipype plugin arguments as JSON or a JSON file."),
+        click.option("--skip-bids-validation", "--skip_bids_validation", is_flag=True,
+                     help="Accepted for compatibility: indexing never runs the validator."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Random seed (training split, initialisation, augmentation)."),
+        click.option("--resolution", type=click.Choice(["1", "2"]), default="2",
+                     show_default=True, help="Template resolution in mm (training)."),
+        click.option("--brain-extraction", type=click.Choice(["auto", "deepbet", "none"]),
+                     default="auto", show_default=True,
+                     help="auto: deepbet unless the input is already skull-stripped."),
+        click.option("-v", "--verbose", count=True, help="More output (-vv for debug)."),
+        click.option("--notrack", is_flag=True, help="Accepted; the tool never phones home."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _check_level(level: str, allowed=LEVELS) -> str:
+    if level not in allowed:
+        raise UnknownAnalysisLevelError(
+            f"unknown analysis level '{level}' (expected {' or '.join(allowed)})"
+        )
+    return level
+
+
+def _build_config(bids_dir, output_dir, kw, contrasts=("T1w",), healthy=()):
+    from bids_anomaly.bids_io.discovery import check_bids_root, load_filter_file
+    from bids_anomaly.config import PreprocConfig, ResourceConfig, RunConfig, SelectionConfig
+
+    setup_logging(kw.get("verbose", 0))
+    check_bids_root(bids_dir)
+    filters = load_filter_file(kw["bids_filter_file"]) if kw.get("bids_filter_file") else {}
+    work = kw.get("work_dir") or (output_dir.resolve().parent / "bids-anomaly-work")
+    res = ResourceConfig(
+        **({"nprocs": kw["nprocs"]} if kw.get("nprocs") else {}),
+        omp_nthreads=kw.get("omp_nthreads") or 0,
+        mem_gb=kw.get("mem"), device=kw.get("device", "auto"),
+        plugin=kw.get("plugin", "MultiProc"), plugin_args=kw.get("plugin_args") or {},
+    )
+    return RunConfig(
+        bids_dir=bids_dir, output_dir=output_dir, work_dir=work,
+        selection=SelectionConfig(
+            participant_labels=tuple(p.removeprefix("sub-")
+                                     for p in kw.get("participant_label", ())),
+            session_labels=tuple(s.removeprefix("ses-") for s in kw.get("session_label", ())),
+            bids_filters=filters, contrasts=tuple(contrasts), healthy_filter=tuple(healthy)),
+        resources=res,
+        preproc=PreprocConfig(resolution=int(kw.get("resolution", 2)),
+                              brain_extraction=kw.get("brain_extraction", "auto")),
+        seed=kw.get("seed", 0), verbose=kw.get("verbose", 0),
+        command=" ".join(shlex.quote(a) for a in ["bids-anomaly", *sys.argv[1:]]),
+    )
+
+
+class BidsAppGroup(click.Group):
+    """A group that also accepts the BIDS-App form ``BIDS_DIR OUTPUT_DIR LEVEL``."""
+
+    def parse_args(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=BidsAppGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="bids-anomaly",
+                      message="%(prog)s %(version)s")
+def main_group():
+    """Unsupervised anomaly detection in brain MRI, as a BIDS App.
+
+    \b
+    Learn what healthy brains look like, then flag what a new scan's model cannot
+    reconstruct: tumours, lesions, the unexpected.
+
+    \b
+    Quick start (no data needed):   bids-anomaly demo /tmp/demo
+    BIDS-App form:                  bids-anomaly BIDS_DIR OUTPUT_DIR participant --model NAME
+    Train on healthy participants:  bids-anomaly train BIDS_DIR OUTPUT_DIR \\
+                                        --healthy-filter group=control
+    """
+
+
+@main_group.command("run", hidden=True, context_settings=CONTEXT)
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.argument("analysis_level")
+@click.option("--model", "-m", help="Model bundle: a path, or a name under OUTPUT_DIR/models.")
+@selection_options
+@run_options
+def run_cmd(bids_dir, output_dir, analysis_level, model, **kw):
+    """BIDS-App form: participant = score, group = group report."""
+    _check_level(analysis_level)
+    if analysis_level == "group":
+        _group(bids_dir, output_dir, kw)
+    else:
+        _score(bids_dir, output_dir, model, kw)
+
+
+def _score(bids_dir, output_dir, model, kw):
+    from bids_anomaly.runner import run_participant
+
+    if not model:
+        raise UsageError("the participant level needs --model (a bundle path or name)")
+    cfg = _build_config(bids_dir, output_dir, kw)
+    summary = run_participant(cfg, model)
+    print_summary(summary)
+    sys.exit(int(summary.exit_code))
+
+
+def _group(bids_dir, output_dir, kw):
+    from bids_anomaly.bids_io.discovery import check_bids_root
+    from bids_anomaly.runner import run_group
+
+    setup_logging(kw.get("verbose", 0))
+    check_bids_root(bids_dir)
+    print_summary(run_group(output_dir))
+
+
+@main_group.command("train", context_settings=CONTEXT)
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--healthy-filter", "--healthy_filter", "healthy_filter", multiple=True,
+              callback=_parse_healthy, metavar="COLUMN=VALUE",
+              help="participants.tsv filter for the healthy cohort (repeatable; default: all "
+                   "selected participants, with a warning).")
+@click.option("--model-type", "--model_type", "model_type", default="dae", show_default=True,
+              type=click.Choice(["dae", "zscore"]), help="Model to train.")
+@click.option("--model-name", "--model_name", "model_name",
+              help="Bundle name under OUTPUT_DIR/models (default: the model type).")
+@click.option("--model-config", "--model_config", "model_config",
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="JSON file of hyper-parameters overriding the model's defaults.")
+@click.option("--contrasts", default="T1w", show_default=True,
+              help="Comma-separated input contrasts (T1w first), e.g. T1w,FLAIR.")
+@click.option("--resume", is_flag=True, help="Continue from the last training checkpoint.")
+@selection_options
+@run_options
+def train_cmd(bids_dir, output_dir, healthy_filter, model_type, model_name, model_config,
+              contrasts, resume, **kw):
+    """Train a normative model on healthy participants and write a model bundle.
+
+    \b
+    The bundle goes to OUTPUT_DIR/models/NAME: model.json (model card), weights.safetensors,
+    calibration on held-out healthy participants, and a training report.
+    Example:
+      bids-anomaly train /data/ixi /data/ixi/derivatives/bids-anomaly --healthy-filter group=control
+    """
+    from bids_anomaly.config import CONTRASTS, TrainConfig
+    from bids_anomaly.runner import run_train
+
+    cons = [c.strip() for c in contrasts.split(",") if c.strip()]
+    if not cons or cons[0] != "T1w" or any(c not in CONTRASTS for c in cons):
+        raise UsageError(f"--contrasts must start with T1w and use {', '.join(CONTRASTS)}")
+    mcfg = {}
+    if model_config:
+        try:
+            mcfg = json.loads(model_config.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--model-config {model_config} is not valid JSON: {exc}") from exc
+    cfg = _build_config(bids_dir, output_dir, kw, contrasts=cons, healthy=healthy_filter)
+    summary = run_train(cfg, TrainConfig(model_type=model_type, model_name=model_name,
+                                         model_config=mcfg, resume=resume))
+    print_summary(summary)
+    sys.exit(int(summary.exit_code))
+
+
+@main_group.command("score", context_settings=CONTEXT)
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.argument("analysis_level", default="participant")
+@click.option("--model", "-m", required=True,
+              help="Model bundle: a path, or a name under OUTPUT_DIR/models.")
+@selection_options
+@run_options
+def score_cmd(bids_dir, output_dir, analysis_level, model, **kw):
+    """Score participants with a trained model: anomaly maps, masks, scores, reports.
+
+    \b
+    Example:
+      bids-anomaly score /data/cohort /data/cohort/derivatives/bids-anomaly participant \\
+          --model /models/dae --participant-label 01 02
+    """
+    _check_level(analysis_level, ("participant",))
+    _score(bids_dir, output_dir, model, kw)
+
+
+@main_group.command("report", context_settings=CONTEXT)
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.argument("analysis_level")
+@selection_options
+@click.option("-v", "--verbose", count=True)
+def report_cmd(bids_dir, output_dir, analysis_level, verbose, participant_label, **_):
+    """Rebuild the HTML reports from existing derivatives (nothing is recomputed)."""
+    from bids_anomaly.runner import run_reports
+
+    _check_level(analysis_level)
+    setup_logging(verbose)
+    if not output_dir.is_dir():
+        from bids_anomaly.errors import MissingInputError
+
+        raise MissingInputError(f"OUTPUT_DIR {output_dir} does not exist")
+    subjects = [p.removeprefix("sub-") for p in participant_label] or None
+    print_summary(run_reports(output_dir, analysis_level, subjects))
+
+
+@main_group.command("evaluate", context_settings=CONTEXT)
+@click.argument("output_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--labels", required=True, type=click.Path(path_type=Path),
+              help="Labels derivative dataset with *_label-lesion_mask.nii.gz per scan.")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Where to write the evaluation tables (default: the first OUTPUT_DIR).")
+@click.option("-v", "--verbose", count=True)
+def evaluate_cmd(output_dirs, labels, out, verbose):
+    """Voxel and scan-level metrics of one or more scored OUTPUT_DIRs against lesion masks.
+
+    \b
+    Several OUTPUT_DIRs (one per model) are compared side by side.
+    """
+    from bids_anomaly.evaluation import evaluate_outputs, write_evaluation
+
+    setup_logging(verbose)
+    result = evaluate_outputs(list(output_dirs), labels)
+    paths = write_evaluation(result, out or output_dirs[0])
+    print_evaluation(result)
+    console.print(f"Tables: {', '.join(str(p) for p in paths if p.suffix == '.tsv')}")
+
+
+@main_group.command("demo", context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--n-healthy", default=12, show_default=True, type=click.IntRange(3))
+@click.option("--n-patients", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--minutes", default=3.0, show_default=True, type=click.FloatRange(0.1),
+              help="Training time budget for the dae model.")
+@click.option("--nprocs", type=click.IntRange(1), help="Processes (default: all cores).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose):
+    """Generate a synthetic cohort, train dae and zscore, score, report and evaluate.
+
+    Everything is made locally from the MNI152 template shipped with nilearn: no download.
+    """
+    from bids_anomaly.config import ResourceConfig
+    from bids_anomaly.demo import DEMO_DAE, DemoConfig, run_demo
+    from bids_anomaly.synth import SynthConfig
+
+    setup_logging(verbose)
+    cfg = DemoConfig(
+        synth=SynthConfig(n_healthy=n_healthy, n_patients=n_patients, seed=seed),
+        dae={**DEMO_DAE, "max_minutes": minutes},
+        resources=ResourceConfig(**({"nprocs": nprocs} if nprocs else {})), seed=seed)
+    with console.status("[bold]Running the demo…") as status:
+        result = run_demo(directory, cfg, command="bids-anomaly demo " + str(directory),
+                          step=lambda msg: (status.update(f"[bold]{msg}…"),
+                                            console.log(msg)))
+    for s in result.summaries:
+        if s.failed:
+            print_summary(s)
+    print_evaluation(result.evaluation)
+    console.print(f"\n[bold]Demo finished[/] in {sum(result.seconds.values()):.0f} s")
+    for model, out in result.outputs.items():
+        console.print(f"  {model:7s} group report: {out / 'group_report.html'}")
+    first = next(iter(result.outputs.values()))
+    reports = sorted(first.glob("sub-*.html"))
+    if reports:
+        console.print(f"  participant reports: {first}/sub-*.html ({len(reports)} files)")
+    console.print(f"  model bundles: {first / 'models'}")
+    bad = [s for s in result.summaries if s.failed]
+    sys.exit(1 if bad else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: exit codes follow the BIDS Apps spec draft (click's 2 becomes 64)."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    args = expand_greedy(list(sys.argv[1:] if argv is None else argv))
+    try:
+        main_group.main(args=args, prog_name="bids-anomaly", standalone_mode=False)
+    except click.exceptions.NoSuchOption as exc:
+        exc.show()
+        sys.exit(int(ExitCode.USAGE))
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        sys.exit(int(ExitCode.USAGE))
+    except click.exceptions.Abort:
+        console.print("[red]Aborted.[/]")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BidsAnomalyError as exc:
+        console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        console.print("[red]Interrupted: finished outputs are kept; re-run to resume.[/]")
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

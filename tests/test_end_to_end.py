@@ -1,0 +1,174 @@
+"""End to end on a tiny synthetic cohort: train, score, group, report, evaluate, validate.
+
+One pipeline run (module-scoped fixture) is shared by the assertions below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import pytest
+
+from .conftest import tree_hash
+
+BIDS_NAMES = [
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_space-MNI152NLin2009aSym_res-2_desc-brain_mask.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_space-MNI152NLin2009aSym_res-2_desc-recon_T1w.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_space-MNI152NLin2009aSym_res-2_stat-anomaly_statmap.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_space-MNI152NLin2009aSym_res-2_stat-anomaly_statmap.json",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_stat-anomaly_statmap.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_stat-anomaly_statmap.json",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_label-anomaly_mask.nii.gz",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_label-anomaly_mask.json",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_desc-anomaly_clusters.tsv",
+    "sub-{s}/ses-1/anat/sub-{s}_ses-1_desc-anomaly_clusters.json",
+    "sub-{s}.html",
+]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "bids_anomaly.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from bids_anomaly.synth import SynthConfig, generate_cohort
+
+    root = tmp_path_factory.mktemp("e2e")
+    cohort = generate_cohort(root / "bids", SynthConfig(
+        n_healthy=4, n_healthy_test=1, n_patients=2, voxel_size=3.0, template_resolution=2,
+        n_sessions=1, with_skull=False, seed=11, lesion_radius_mm=(10.0, 16.0)))
+    before = tree_hash(cohort.root)
+    out = root / "bids" / "derivatives" / "bids-anomaly"
+    zout = root / "out-zscore"
+    work = root / "work"
+    cfg = root / "dae.json"
+    cfg.write_text(json.dumps({"epochs": 2, "channels": [8, 16, 32], "strides": [2, 2]}))
+    runs = {
+        "train_dae": cli("train", cohort.root, out, "--healthy-filter", "split=train",
+                         "--model-config", cfg, "-w", work, "--nprocs", "2"),
+        "train_z": cli("train", cohort.root, out, "--healthy_filter", "split=train",
+                       "--model-type", "zscore", "-w", work, "--nprocs", "2"),
+        "score": cli(cohort.root, out, "participant", "--model", "dae", "--participant-label",
+                     "t01", "p01", "p02", "-w", work, "--nprocs", "2"),
+        "score_z": cli("score", cohort.root, zout, "participant", "--model",
+                       out / "models" / "zscore", "--participant_label", "t01", "p01", "p02",
+                       "-w", work),
+        "group": cli(cohort.root, out, "group"),
+        "group_z": cli(cohort.root, zout, "group"),
+        "evaluate": cli("evaluate", out, zout, "--labels", cohort.labels_dir),
+    }
+    return {"cohort": cohort, "out": out, "zout": zout, "work": work, "runs": runs,
+            "before": before, "root": root}
+
+
+def test_every_step_succeeds(pipeline):
+    for name, r in pipeline["runs"].items():
+        assert r.returncode == 0, f"{name}: {r.stdout}\n{r.stderr}"
+
+
+def test_input_dataset_untouched(pipeline):
+    assert tree_hash(pipeline["cohort"].root) == pipeline["before"]
+
+
+def test_derivative_names(pipeline):
+    out = pipeline["out"]
+    for s in ("t01", "p01", "p02"):
+        for pattern in BIDS_NAMES:
+            assert (out / pattern.format(s=s)).exists(), pattern.format(s=s)
+    for f in ("dataset_description.json", ".bidsignore", "group_anomaly.tsv",
+              "group_anomaly.json", "group_report.html", "models/dae/model.json",
+              "models/dae/weights.safetensors", "models/zscore/model.json"):
+        assert (out / f).exists(), f
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "bids-anomaly"
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert not leftovers
+
+
+def test_sidecars_record_model_and_threshold(pipeline):
+    out = pipeline["out"]
+    side = json.loads(next(out.glob("sub-p01/ses-1/anat/*_label-anomaly_mask.json")).read_text())
+    assert side["FPR"] == 0.001 and np.isfinite(side["Threshold"])
+    assert side["Model"]["Name"] == "dae" and len(side["Model"]["SHA256"]) == 64
+    assert side["Sources"][0].startswith("bids:raw:sub-p01/ses-1/anat/")
+
+
+def test_native_maps_on_input_grid(pipeline):
+    cohort, out = pipeline["cohort"], pipeline["out"]
+    raw = nb.load(cohort.root / "sub-p01/ses-1/anat/sub-p01_ses-1_T1w.nii.gz")
+    stat = nb.load(out / "sub-p01/ses-1/anat/sub-p01_ses-1_stat-anomaly_statmap.nii.gz")
+    assert stat.shape == raw.shape[:3]
+    np.testing.assert_allclose(stat.affine, raw.affine, atol=1e-4)
+
+
+def test_group_table(pipeline):
+    df = pd.read_csv(pipeline["out"] / "group_anomaly.tsv", sep="\t")
+    assert sorted(df.participant_id) == ["sub-p01", "sub-p02", "sub-t01"]
+    assert set(df.status) == {"ok"}
+    assert df.score.notna().all() and df.percentile.between(0, 100).all()
+
+
+def test_evaluation_side_by_side(pipeline):
+    r = pipeline["runs"]["evaluate"]
+    assert "dae" in r.stdout and "zscore" in r.stdout
+    pooled = json.loads((pipeline["out"] / "evaluation.json").read_text())["Models"]
+    assert set(pooled) == {"dae", "zscore"}
+    for m in pooled.values():
+        assert 0.0 <= m["auprc"] <= 1.0
+        assert m["auroc"] > 0.5  # the lesions are real and visible
+
+
+def test_rerun_resumes_from_work_dir(pipeline):
+    """A second participant run reuses the cache and gives identical maps."""
+    out = pipeline["out"]
+    f = out / "sub-p01/ses-1/anat/sub-p01_ses-1_stat-anomaly_statmap.nii.gz"
+    first = np.asarray(nb.load(f).dataobj)
+    r = cli(pipeline["cohort"].root, out, "participant", "--model", "dae",
+            "--participant-label", "p01", "-w", pipeline["work"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    np.testing.assert_array_equal(first, np.asarray(nb.load(f).dataobj))
+
+
+def test_report_rebuild(pipeline):
+    out = pipeline["out"]
+    (out / "sub-t01.html").unlink()
+    r = cli("report", pipeline["cohort"].root, out, "participant")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "sub-t01.html").exists()
+
+
+def test_one_bad_participant_does_not_stop_the_others(pipeline, tmp_path):
+    src = pipeline["cohort"].root
+    bids = tmp_path / "bids"
+    shutil.copytree(src, bids, ignore=shutil.ignore_patterns("derivatives"))
+    bad = bids / "sub-p02/ses-1/anat/sub-p02_ses-1_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated
+    out = tmp_path / "out"
+    r = cli(bids, out, "participant", "--model", pipeline["out"] / "models" / "zscore",
+            "--participant-label", "t01", "p02", "-w", tmp_path / "work")
+    assert r.returncode == 65, r.stdout + r.stderr
+    assert "sub-p02_ses-1_T1w.nii.gz" in r.stdout and "truncated" in r.stdout
+    assert (out / "sub-t01/ses-1/anat/sub-t01_ses-1_stat-anomaly_statmap.nii.gz").exists()
+    assert not list((out / "sub-p02").rglob("*.nii.gz")) if (out / "sub-p02").exists() else True
+
+
+def test_bids_validator_accepts_outputs(pipeline):
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install '.[test]')")
+    r = subprocess.run([exe, "--json", str(pipeline["out"])], capture_output=True, text=True,
+                       timeout=300)
+    report = json.loads(r.stdout)
+    errors = [i for i in report["issues"]["issues"] if i.get("severity") == "error"]
+    assert not errors, json.dumps(errors[:5], indent=1)

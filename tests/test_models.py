@@ -1,0 +1,136 @@
+"""Models and the bundle: forward/backward, fitting, round trip, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bids_anomaly.errors import BundleError
+from bids_anomaly.models.base import FitContext, get_model_class
+from bids_anomaly.models.bundle import load_bundle, save_bundle
+from bids_anomaly.scoring import Calibration
+
+SHAPE = (40, 48, 12)
+
+
+def _volumes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    disk = ((yy - 20) ** 2 / 300 + (xx - 24) ** 2 / 400) < 1
+    mask = np.repeat(disk[..., None], SHAPE[2], axis=2)
+    vols = [(0.5 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)[None] * mask
+            for _ in range(n)]
+    return vols, [mask] * n
+
+
+def _calib():
+    return Calibration(mu=0.1, sd=0.05, thresholds={"0.01": 2.3, "0.001": 3.1},
+                       default_fpr="0.001", healthy_scores=[1.0, 1.2])
+
+
+def test_dae_forward_backward_tiny():
+    cls = get_model_class("dae")
+    model = cls(["T1w"], SHAPE, {"channels": [4, 8], "strides": [2], "crop": [32, 40]})
+    x = torch.rand(2, 1, 32, 40, requires_grad=True)
+    out = model.net(x)
+    assert out.shape == x.shape
+    out.mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_dae_fit_reduces_loss_and_reconstructs():
+    vols, masks = _volumes(3)
+    model = get_model_class("dae")(
+        ["T1w"], SHAPE, {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 3,
+                         "batch_size": 8})
+    hist = model.fit(vols[:2], masks[:2],
+                     FitContext(val_volumes=vols[2:], val_masks=masks[2:], seed=1))
+    losses = [h["train_loss"] for h in hist["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    recon = model.reconstruct(vols[2], masks[2])
+    assert recon.shape == vols[2].shape
+    assert np.all(recon[:, ~masks[2]] == 0)
+
+
+def test_zscore_residual_is_standardised():
+    vols, masks = _volumes(5)
+    model = get_model_class("zscore")(["T1w"], SHAPE, {"smooth_sigma": 0.0, "min_std": 1e-3})
+    model.fit(vols, masks, FitContext())
+    odd = vols[0].copy()
+    odd[0, 20, 24, 5] += 1.0
+    _, res = model.residual(odd, masks[0])
+    assert res[20, 24, 5] > 5 * np.median(res[masks[0]])
+
+
+def test_unknown_hyperparameter_is_refused():
+    with pytest.raises(ValueError, match="colour"):
+        get_model_class("zscore")(["T1w"], SHAPE, {"colour": 1})
+
+
+@pytest.mark.parametrize("kind", ["dae", "zscore"])
+def test_bundle_round_trip(tmp_path, kind):
+    vols, masks = _volumes(3)
+    hp = {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 1} if kind == "dae" \
+        else {}
+    model = get_model_class(kind)(["T1w"], SHAPE, hp)
+    model.fit(vols[:2], masks[:2], FitContext(val_volumes=vols[2:], val_masks=masks[2:]))
+    card = {"name": kind, "template": "MNI152NLin2009aSym", "resolution": 2}
+    path = save_bundle(tmp_path / kind, model, card, _calib())
+    bundle = load_bundle(path)
+    a = model.reconstruct(vols[2], masks[2])
+    b = bundle.model.reconstruct(vols[2], masks[2])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert bundle.calibration.thresholds == _calib().thresholds
+    assert json.loads((path / "model.json").read_text())["files"]["weights.safetensors"]
+
+
+def _saved(tmp_path):
+    vols, masks = _volumes(2)
+    model = get_model_class("zscore")(["T1w"], SHAPE)
+    model.fit(vols, masks, FitContext())
+    card = {"name": "z", "template": "MNI152NLin2009aSym", "resolution": 2}
+    return save_bundle(tmp_path / "z", model, card, _calib())
+
+
+def test_bundle_checksum_mismatch_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    with open(path / "weights.safetensors", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="checksum of weights.safetensors"):
+        load_bundle(path)
+
+
+def test_bundle_missing_weights_and_schema(tmp_path):
+    path = _saved(tmp_path)
+    card = json.loads((path / "model.json").read_text())
+    card["schema_version"] = "9.0"
+    (path / "model.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="schema version 9.0"):
+        load_bundle(path)
+    card["schema_version"] = "1.0"
+    (path / "model.json").write_text(json.dumps(card))
+    (path / "weights.safetensors").unlink()
+    with pytest.raises(BundleError, match="weights.safetensors is missing"):
+        load_bundle(path)
+
+
+def test_bundle_refuses_other_contrasts_template_resolution(tmp_path):
+    bundle = load_bundle(_saved(tmp_path))
+    with pytest.raises(BundleError, match="contrasts"):
+        bundle.check_fits(["T1w", "FLAIR"], "MNI152NLin2009aSym", 2)
+    with pytest.raises(BundleError, match="template"):
+        bundle.check_fits(["T1w"], "OASIS", 2)
+    with pytest.raises(BundleError, match="1 mm"):
+        bundle.check_fits(["T1w"], "MNI152NLin2009aSym", 1)
+
+
+def test_bundle_is_not_code(tmp_path):
+    """Nothing in a bundle is unpickled: a pickle file beside it is never read."""
+    path = _saved(tmp_path)
+    (path / "evil.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    load_bundle(path)
+    assert not (tmp_path / "pwned").exists()
