@@ -14,10 +14,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def tree_hash(root: Path) -> str:
-    """Hash of every file's path, size and content under ``root`` (input must never change)."""
+def tree_hash(root: Path, exclude: Path | None = None) -> str:
+    """Hash of every file's path and content under ``root`` but ``exclude`` (an output folder)."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
+        if exclude is not None and p.is_relative_to(exclude):
+            continue
         if p.is_file():
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())

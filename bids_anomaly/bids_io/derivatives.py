@@ -17,7 +17,8 @@ from .. import __version__
 from ..atomic import atomic_path, file_lock, write_json, write_text
 from ..naming import ScanKey, ScanOutputs, sidecar
 
-BIDSIGNORE = ["*.html", "figures/", "logs/", "models/", "*_statmap.*", "*_xfm.*",
+# Folder patterns without a trailing slash: that is what bids-validator-deno matches.
+BIDSIGNORE = ["*.html", "figures", "logs", "models", "*_statmap.*", "*_xfm.*",
               "*_clusters.*", "*_scores.json", "group_anomaly.*", "evaluation*", "*.lock"]
 
 GROUP_COLUMNS = ["participant_id", "session_id", "run", "scan_id", "model", "score",
@@ -83,8 +84,12 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
     model_meta = {"Name": model["name"], "Type": model["type"], "SHA256": model["sha256"]}
     thresholds = summary["thresholds"]
 
+    res_desc = {str(resolution): f"{resolution} mm isotropic grid of the {out.space} template"}
+
     def put(src: str, rel: Path, meta: dict | None) -> None:
         _copy(src, output_dir / rel)
+        if meta is not None and "_res-" in rel.name:
+            meta = {**meta, "Resolution": res_desc}
         if meta is not None:
             write_json(output_dir / sidecar(rel), meta)
 
@@ -97,7 +102,8 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
         put(path, out.preproc(contrast), {"Sources": [uri], "SkullStripped": True,
                                           "Normalisation": "per-volume percentile 0.5-99"})
         put(files[f"recon_{contrast}"], out.recon(contrast),
-            {"Sources": [uri], "Description": "pseudo-healthy reconstruction", "Model": model_meta})
+            {"Sources": [uri], "SkullStripped": True,
+             "Description": "pseudo-healthy reconstruction", "Model": model_meta})
     stat_meta = {
         "Sources": src_uris,
         "Description": "anomaly z-map: residual standardised against held-out healthy scans",
