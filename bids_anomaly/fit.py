@@ -77,6 +77,9 @@ def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
     fit = [(v, m) for s, v, m in data.values() if s in fit_subj]
     held = [(v, m) for s, v, m in data.values() if s in held_subj]
     cls = get_model_class(inputs.model_type)
+    import torch
+
+    torch.manual_seed(inputs.seed)  # initial weights follow --seed
     model = cls(inputs.contrasts, template.shape, inputs.model_config)
     from .training import resolve_device
 
@@ -98,8 +101,8 @@ def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
         "space": TEMPLATE_NAME,
         "resolution": preproc.resolution,
         "preprocessing": preproc.to_dict(),
-        "normalisation": {"method": "per-volume percentile", "low": 0.5, "high": 99.0,
-                          "clip": 1.5},
+        "normalisation": {"method": "per-volume: 0.5th percentile → 0, median → 0.7", "low": 0.5,
+                          "median_target": 0.7, "clip": 1.5},
         "training": {
             "dataset": inputs.dataset,
             "participants": fit_subj,

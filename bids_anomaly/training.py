@@ -2,6 +2,10 @@
 
 Seeded per epoch (so a resumed run repeats an uninterrupted one), early stopping on the
 validation loss, a checkpoint after every epoch, AMP and pinned memory on CUDA.
+
+The loss is the masked MSE of the network's output against the clean slice. A model with
+another objective (a VAE's KL term) passes ``loss_fn(out, clean, mask)``; a network whose
+forward returns a tuple ``(recon, *extras)`` is scored on ``recon`` when no ``loss_fn`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 from .models.base import FitContext
 
 LOG = logging.getLogger("bids_anomaly")
+
+LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_device(device: str) -> str:
@@ -42,8 +48,18 @@ def augment(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
     return x, m
 
 
+def masked_loss(out, clean: torch.Tensor, mask: torch.Tensor,
+                loss_fn: LossFn | None = None) -> torch.Tensor:
+    """``loss_fn(out, clean, mask)`` if given, else the masked MSE of ``out`` (or ``out[0]``)."""
+    if loss_fn is not None:
+        return loss_fn(out, clean, mask)
+    if isinstance(out, tuple):
+        out = out[0]
+    return F.mse_loss(out.float() * mask, clean * mask)
+
+
 class TorchTrainer:
-    """Fits ``net`` to map ``make_input(clean)`` back to ``clean`` (masked MSE)."""
+    """Fits ``net`` to map ``make_input(clean)`` back to ``clean`` (masked MSE or ``loss_fn``)."""
 
     def __init__(self, net: torch.nn.Module, hparams: dict, ctx: FitContext):
         self.net = net
@@ -66,6 +82,7 @@ class TorchTrainer:
         xv: torch.Tensor | None,
         mv: torch.Tensor | None,
         make_input: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+        loss_fn: LossFn | None = None,
     ) -> dict:
         ctx, hp = self.ctx, self.hp
         device = resolve_device(ctx.device)
@@ -98,6 +115,8 @@ class TorchTrainer:
         for epoch in range(start_epoch, epochs):
             te = time.perf_counter()
             gen = torch.Generator().manual_seed(ctx.seed * 100003 + epoch)
+            # The global RNG too (VAE sampling, dropout): a resumed run must not depend on it.
+            torch.manual_seed(ctx.seed * 100003 + epoch + (1 << 31))
             net.train()
             order = torch.randperm(len(x), generator=gen)
             total, seen = 0.0, 0
@@ -109,7 +128,7 @@ class TorchTrainer:
                 inp = make_input(xb, mb, gen)
                 with torch.autocast(device_type="cuda", enabled=cuda):
                     out = net(inp)
-                    loss = F.mse_loss(out.float() * mb, xb * mb)
+                    loss = masked_loss(out, xb, mb, loss_fn)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -118,7 +137,8 @@ class TorchTrainer:
                 seen += len(idx)
             sched.step()
             train_loss = total / max(1, seen)
-            val_loss = self.validate(xv, mv, make_input, device) if xv is not None else train_loss
+            val_loss = (self.validate(xv, mv, make_input, device, loss_fn) if xv is not None
+                        else train_loss)
             dt = time.perf_counter() - te
             rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "seconds": dt, "samples_per_s": seen / dt if dt > 0 else 0.0}
@@ -146,12 +166,12 @@ class TorchTrainer:
                 "device": device}
 
     @torch.no_grad()
-    def validate(self, xv, mv, make_input, device) -> float:
+    def validate(self, xv, mv, make_input, device, loss_fn: LossFn | None = None) -> float:
         self.net.eval()
         gen = torch.Generator().manual_seed(self.ctx.seed + 7)
         total = 0.0
         for i in range(0, len(xv), 64):
             xb, mb = xv[i : i + 64].to(device), mv[i : i + 64].to(device)
             out = self.net(make_input(xb, mb, gen))
-            total += float(F.mse_loss(out.float() * mb, xb * mb)) * len(xb)
+            total += float(masked_loss(out, xb, mb, loss_fn)) * len(xb)
         return total / max(1, len(xv))

@@ -22,6 +22,7 @@ from .argv import expand_greedy
 from .console import console, print_evaluation, print_summary, setup_logging
 
 LEVELS = ("participant", "group")
+MODEL_TYPES = ["dae", "ae", "vae", "zscore"]
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -227,7 +228,7 @@ def _group(bids_dir, output_dir, kw):
               help="participants.tsv filter for the healthy cohort (repeatable; default: all "
                    "selected participants, with a warning).")
 @click.option("--model-type", "--model_type", "model_type", default="dae", show_default=True,
-              type=click.Choice(["dae", "zscore"]), help="Model to train.")
+              type=click.Choice(MODEL_TYPES), help="Model to train.")
 @click.option("--model-name", "--model_name", "model_name",
               help="Bundle name under OUTPUT_DIR/models (default: the model type).")
 @click.option("--model-config", "--model_config", "model_config",

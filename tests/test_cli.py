@@ -131,3 +131,12 @@ def test_greedy_label_expansion():
     assert expand_greedy(["score", "--participant-label", "01", "02", "--seed", "1"]) == [
         "score", "--participant-label", "01", "--participant-label", "02", "--seed", "1"]
     assert expand_greedy(["--session_label", "1"]) == ["--session_label", "1"]
+
+
+def test_cli_offers_every_registered_model():
+    from bids_anomaly.cli.main import MODEL_TYPES
+
+    from bids_anomaly.models.base import REGISTRY, get_model_class
+
+    get_model_class("dae")  # registers the built-in models
+    assert sorted(MODEL_TYPES) == sorted(REGISTRY)

@@ -99,8 +99,9 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
         {"Sources": [t1_uri], "Type": "Brain", "SpatialReference": out.space})
     for contrast, path in preproc["template_images"].items():
         uri = bids_uri(bids_dir, Path(sources[contrast]))
-        put(path, out.preproc(contrast), {"Sources": [uri], "SkullStripped": True,
-                                          "Normalisation": "per-volume percentile 0.5-99"})
+        put(path, out.preproc(contrast), {
+            "Sources": [uri], "SkullStripped": True,
+            "Normalisation": "per-volume: 0.5th percentile to 0, median to 0.7"})
         put(files[f"recon_{contrast}"], out.recon(contrast),
             {"Sources": [uri], "SkullStripped": True,
              "Description": "pseudo-healthy reconstruction", "Model": model_meta})

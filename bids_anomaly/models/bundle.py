@@ -92,6 +92,8 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
             "files": files,
         }
         (tmp / CARD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)  # readable by any UID (shared bundles on clusters)
         os.chmod(tmp, 0o755)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")

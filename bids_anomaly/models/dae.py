@@ -39,7 +39,7 @@ class DAEModel(AnomalyModel):
         "patience": 10,
         "max_minutes": 15.0,
         "shift": 4,
-        "min_brain": 0.02,
+        "min_brain": 0.0,
     }
 
     def __init__(self, contrasts, shape, hparams=None):

@@ -74,6 +74,9 @@ def preprocess_scan(
     device: str = "cpu",
 ) -> PreprocResult:
     """Preprocess one scan into ``out_dir``; ``files`` maps contrast → path, T1w required."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))  # deepbet: size torch to the node's cores
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -70,10 +71,18 @@ def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> li
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    nipype_config.set("logging", "workflow_level", "WARNING")
-    nipype_config.set("logging", "interface_level", "WARNING")
-    nipype_config.set("logging", "utils_level", "WARNING")
+    level = "INFO" if LOG.getEffectiveLevel() <= logging.DEBUG else "WARNING"
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, level)
     nipype_logging.update_logging(nipype_config)
+    # Worker processes read their logging levels from NIPYPE_CONFIG_DIR/nipype.cfg.
+    cfg_dir = Path(wf.base_dir) / ".nipype"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "nipype.cfg").write_text(
+        "[logging]\n" + "".join(f"{k} = {level}\n" for k in
+                                 ("workflow_level", "interface_level", "utils_level"))
+        + "[execution]\npoll_sleep_duration = 0.01\n[monitoring]\nenabled = false\n")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
     configure(wf, crash_dir)
     before = set(crash_dir.glob("crash-*"))
     t0 = time.time()

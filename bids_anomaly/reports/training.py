@@ -1,0 +1,69 @@
+"""Training report inside a model bundle: model card, loss curves, calibration."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from ..atomic import write_text
+from .figures import score_distribution
+from .html import esc, img, kv_list, page, table
+
+
+def loss_curves(history: list[dict]) -> bytes:
+    """Train and validation loss per epoch (PNG)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 2.4), dpi=90)
+    ax = fig.add_axes((0.12, 0.2, 0.84, 0.7))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", ms=3, label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "o-", ms=3, label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked MSE")
+    ax.set_yscale("log")
+    ax.legend(frameon=False, fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def build_training_report(bundle_dir: Path) -> Path:
+    """Write ``report.html`` into a bundle from its ``model.json`` (nothing recomputed)."""
+    bundle_dir = Path(bundle_dir)
+    card = json.loads((bundle_dir / "model.json").read_text())
+    train = card.get("training", {})
+    calib = card.get("calibration", {})
+    parts = [f"<h1>Model bundle: {esc(card.get('name'))}</h1>",
+             f"<p>{esc(card.get('description', ''))}</p>",
+             "<h2>Model card</h2>",
+             kv_list([("type", card.get("model_type")), ("contrasts", card.get("contrasts")),
+                      ("template", card.get("template")),
+                      ("resolution (mm)", card.get("resolution")),
+                      ("training dataset", train.get("dataset")),
+                      ("training participants", len(train.get("participants", []))),
+                      ("calibration participants", train.get("calibration_participants")),
+                      ("best epoch", train.get("best_epoch")),
+                      ("best validation loss", train.get("best_val_loss")),
+                      ("device", train.get("device")), ("seconds", train.get("seconds")),
+                      ("seed", train.get("seed")), ("intended use", card.get("intended_use")),
+                      ("hyper-parameters", card.get("hyperparameters")),
+                      ("preprocessing", card.get("preprocessing")),
+                      ("software", card.get("software")), ("files (sha256)", card.get("files"))])]
+    history = train.get("history") or []
+    if history:
+        parts += ["<h2>Loss curves</h2>", img(loss_curves(history), "loss curves")]
+    parts += ["<h2>Calibration on held-out healthy participants</h2>",
+              table(["voxel FPR", "threshold (z)"],
+                    [[k, f"{v:.3f}"] for k, v in calib.get("thresholds", {}).items()],
+                    numeric={"threshold (z)"}),
+              f"<p>Default mask threshold: FPR {esc(calib.get('default_fpr'))}. Residual mean "
+              f"{calib.get('mu', float('nan')):.4g}, standard deviation "
+              f"{calib.get('sd', float('nan')):.4g}.</p>"]
+    if calib.get("healthy_scores"):
+        parts += ["<h3>Per-scan scores of the healthy calibration scans</h3>",
+                  img(score_distribution(calib["healthy_scores"]), "healthy score distribution")]
+    dest = bundle_dir / "report.html"
+    write_text(dest, page(f"bids-anomaly model {card.get('name')}", "\n".join(parts)))
+    return dest
