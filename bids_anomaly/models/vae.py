@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ae import AEModel, ConvDecoder, ConvEncoder, SliceModel, bottom_shape
+from .ae import AEModel, ConvDecoder, ConvEncoder, bottom_shape
 from .base import register
+from .slice_model import SliceModel
 
 LOGVAR_CLAMP = (-20.0, 10.0)
 
