@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["ixi-t1", "nichart", "brats2015", "openms"])
     ap.add_argument("--limit", type=int, default=0, help="subjects per dataset (0: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warm", type=int, default=4,
+                    help="IXI subjects for the nipype cold/warm re-run timing (0: skip)")
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"shared data not found at {DATA}")
@@ -88,8 +90,32 @@ def main() -> None:
         if sel:
             print(f"{name}: mask Dice min {min(r['mask_dice'] for r in sel):.3f}, "
                   f"registration Dice min {min(r['reg_dice'] for r in sel):.3f}")
+    if args.warm:
+        warm_rerun(tmp, args.warm)
     print(f"peak memory: {peak_rss_mb():.0f} MiB")
     shutil.rmtree(tmp)
+
+
+def warm_rerun(tmp: Path, n: int) -> None:
+    """The nipype workflow on ``n`` IXI subjects (--nprocs 2), then again from the cache."""
+    from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig
+    from bids_anomaly.runner import discover, run_preprocessing
+
+    ds = DATA / "ixi-t1"
+    labels = tuple(subjects(ds)[:n])
+    cfg = RunConfig(bids_dir=ds, output_dir=tmp / "warm-out", work_dir=tmp / "warm-work",
+                    selection=SelectionConfig(participant_labels=labels),
+                    resources=ResourceConfig(nprocs=2))
+    scans = discover(cfg)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        done, failed = run_preprocessing(cfg, scans, "cpu")
+        times.append(time.perf_counter() - t)
+        assert not failed, failed
+    print(f"nipype workflow, {len(scans)} IXI subjects, --nprocs 2: cold {times[0]:.1f} s "
+          f"({times[0] / len(scans):.1f} s/subject), warm re-run {times[1]:.2f} s "
+          f"({times[1] / len(scans):.2f} s/subject; ratio {times[1] / times[0]:.3f})")
 
 
 if __name__ == "__main__":
