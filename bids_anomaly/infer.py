@@ -13,7 +13,7 @@ from .fit import load_volume
 from .models.bundle import load_bundle
 from .preprocessing.pipeline import PreprocResult
 from .preprocessing.registration import to_native
-from .scoring import score_volume
+from .scoring import flag_score, score_volume
 from .templates import TEMPLATE_NAME, load_template
 
 
@@ -77,6 +77,9 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
         "percentile": result.percentile,
         "flagged": result.flagged,
         "threshold": result.threshold,
+        "flag_score": flag_score(bundle.calibration.healthy_scores,
+                                 bundle.calibration.params.flag_percentile),
+        "flag_percentile": bundle.calibration.params.flag_percentile,
         "default_fpr": float(bundle.calibration.default_fpr),
         "thresholds": bundle.calibration.thresholds,
         "n_clusters": int(len(result.clusters)),

@@ -75,15 +75,30 @@ def scan_score(statmap: np.ndarray, eroded: np.ndarray, top_fraction: float) -> 
     return float(np.mean(np.partition(vals, vals.size - k)[-k:]))
 
 
-def percentile_among(score: float, healthy: list[float]) -> float:
-    """Percentile of ``score`` under a normal fit to the healthy scores (0-100)."""
+def _healthy_fit(healthy: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation of the healthy scores (sd floored at 10% of the mean)."""
     h = np.asarray(healthy, dtype=float)
-    if h.size == 0 or not np.isfinite(score):
-        return float("nan")
     mean = float(h.mean())
     sd = float(h.std(ddof=1)) if h.size > 1 else 0.0
-    sd = max(sd, 0.1 * abs(mean), 1e-6)
+    return mean, max(sd, 0.1 * abs(mean), 1e-6)
+
+
+def percentile_among(score: float, healthy: list[float]) -> float:
+    """Percentile of ``score`` under a normal fit to the healthy scores (0-100)."""
+    if len(healthy) == 0 or not np.isfinite(score):
+        return float("nan")
+    mean, sd = _healthy_fit(healthy)
     return float(100.0 * 0.5 * (1.0 + math.erf((score - mean) / (sd * math.sqrt(2.0)))))
+
+
+def flag_score(healthy: list[float], flag_percentile: float) -> float:
+    """The per-scan score at which a scan is flagged (the ``flag_percentile`` of healthy)."""
+    from statistics import NormalDist
+
+    if len(healthy) == 0:
+        return float("nan")
+    mean, sd = _healthy_fit(healthy)
+    return float(mean + sd * NormalDist().inv_cdf(flag_percentile / 100.0))
 
 
 def threshold_mask(statmap: np.ndarray, threshold: float, min_cluster_voxels: int) -> np.ndarray:

@@ -65,3 +65,12 @@ def test_scan_score_and_percentile():
     assert scan_score(stat, brain, 0.01) == 10.0
     assert percentile_among(5.0, [1.0, 1.1, 0.9]) > 99
     assert percentile_among(1.0, [1.0, 1.1, 0.9]) < 60
+
+
+def test_flag_score_is_the_flag_percentile():
+    from bids_anomaly.scoring import flag_score
+
+    healthy = [3.8, 4.5, 4.7, 4.1]
+    thr = flag_score(healthy, 95.0)
+    assert abs(percentile_among(thr, healthy) - 95.0) < 1e-6
+    assert thr > max(healthy) - 0.5

@@ -134,6 +134,7 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
     })
     record = scan_record(key, "ok")
     record.update({k: summary[k] for k in ("score", "percentile", "flagged", "threshold",
+                                           "flag_score", "flag_percentile",
                                            "default_fpr", "n_clusters", "anomaly_volume_mm3",
                                            "healthy_scores", "model")})
     record["voxel_threshold"] = summary["threshold"]

@@ -184,8 +184,9 @@ def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
         + "</span>",
     ]
     details = [
-        ("flag threshold", fmt_score(s.get("threshold"))),
-        ("false-positive rate", fmt_num(s.get("default_fpr"), 6)),
+        ("flag threshold (score)", fmt_score(s.get("flag_score"))),
+        ("voxel threshold (z)", fmt_score(s.get("voxel_threshold", s.get("threshold")))),
+        ("voxel false-positive rate", fmt_num(s.get("default_fpr"), 6)),
         ("clusters", fmt_num(s.get("n_clusters"), 0)),
         ("anomaly volume (mm³)", fmt_num(s.get("anomaly_volume_mm3"), 1)),
         ("model", model.get("name", NA)),
@@ -203,7 +204,7 @@ def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
     if not rec.failed:
         out.append(_images(output_dir, rec, level, pngs, figs_dir))
         dist = figures.score_distribution(healthy, to_float(s.get("score")),
-                                          to_float(s.get("threshold")))
+                                          to_float(s.get("flag_score")))
         pngs[figs_dir / f"{sid}_desc-distribution_anomaly.png"] = dist
         out.append("<h3>Score among the healthy reference</h3>")
         out.append(_figure(dist, "score distribution",
