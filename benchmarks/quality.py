@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bids-anomaly-quality"))
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--skip-nichart", action="store_true")
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="keep OUT and skip training for bundles already there")
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"shared data not found at {DATA}")
@@ -119,8 +121,10 @@ def main() -> None:
     from bids_anomaly.runner import run_group, run_participant, run_train
 
     root = args.out
-    if root.exists():
+    if root.exists() and not args.reuse_models:
         shutil.rmtree(root)
+    if (root / "scores").exists():
+        shutil.rmtree(root / "scores")
     work = root / "work"
     models_out = root / "train"
     res = ResourceConfig(nprocs=args.nprocs)
@@ -129,6 +133,8 @@ def main() -> None:
                          if p.name[4:] not in HELD_OUT)
     timings = {}
     for model in args.models:
+        if args.reuse_models and (models_out / "models" / model / "model.json").exists():
+            continue
         t = time.perf_counter()
         cfg = RunConfig(bids_dir=ixi, output_dir=models_out, work_dir=work,
                         selection=SelectionConfig(participant_labels=train_labels),
@@ -139,6 +145,8 @@ def main() -> None:
         timings[f"train {model}"] = time.perf_counter() - t
 
     lesion_ds = root / "ixi-lesion"
+    if lesion_ds.exists():
+        shutil.rmtree(lesion_ds)
     datasets = {
         "ixi-lesion": (lesion_ds, lesion_copy(ixi, lesion_ds), {},
                        "sub-{s}/anat/sub-{s}_T1w.nii.gz"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -81,8 +82,13 @@ def _layout(bids_dir: Path, database_dir: Path | None, validate: bool):
     indexer = BIDSLayoutIndexer(validate=validate, ignore=["derivatives", "sourcedata", "code"])
     kwargs = {}
     if database_dir is not None:
-        database_dir.mkdir(parents=True, exist_ok=True)
-        kwargs["database_path"] = str(database_dir)
+        # One index per dataset, rebuilt each run: a stale index would hide new files, and a
+        # shared one would answer for another dataset.
+        key = hashlib.sha1(str(bids_dir.resolve()).encode()).hexdigest()[:12]
+        db = database_dir / f"{bids_dir.resolve().name}-{key}"
+        db.mkdir(parents=True, exist_ok=True)
+        kwargs["database_path"] = str(db)
+        kwargs["reset_database"] = True
     try:
         return BIDSLayout(str(bids_dir), indexer=indexer, **kwargs)
     except Exception as exc:  # pybids raises a zoo of exception types for bad datasets
