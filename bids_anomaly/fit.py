@@ -119,8 +119,23 @@ def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
         "intended_use": "Research use: flags deviations from the healthy training cohort; "
                         "not a diagnostic device.",
     }
-    return save_bundle(dest, model, card, calib,
-                       extra_files={"calibration.npz": _calibration_npz(calib)})
+    extra = {"calibration.npz": _calibration_npz(calib)}
+    if held:
+        extra.update(_example_reconstructions(model, held[0][0], held[0][1], device))
+    return save_bundle(dest, model, card, calib, extra_files=extra)
+
+
+def _example_reconstructions(model, volume: np.ndarray, mask: np.ndarray, device: str
+                             ) -> dict[str, bytes]:
+    """Mosaics of a held-out validation scan and the model's reconstruction (PNG)."""
+    from .reports.figures import mosaic
+
+    recon = model.reconstruct(volume, mask, device=device)
+    lo, hi = float(np.percentile(volume[0][mask], 1)), float(np.percentile(volume[0][mask], 99.5))
+    return {
+        "example_input.png": mosaic(volume[0] * mask, vmin=lo, vmax=hi, crop_mask=mask),
+        "example_recon.png": mosaic(recon[0] * mask, vmin=lo, vmax=hi, crop_mask=mask),
+    }
 
 
 def _calibration_npz(calib) -> bytes:

@@ -87,11 +87,14 @@ def test_derivative_names(pipeline):
             assert (out / pattern.format(s=s)).exists(), pattern.format(s=s)
     for f in ("dataset_description.json", ".bidsignore", "group_anomaly.tsv",
               "group_anomaly.json", "group_report.html", "models/dae/model.json",
-              "models/dae/weights.safetensors", "models/zscore/model.json"):
+              "models/dae/weights.safetensors", "models/zscore/model.json",
+              "models/dae/report.html", "models/dae/example_recon.png"):
         assert (out / f).exists(), f
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     assert desc["GeneratedBy"][0]["Name"] == "bids-anomaly"
+    report = (out / "models/dae/report.html").read_text()
+    assert "Loss curves" in report and "reconstruction" in report
     leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
     assert not leftovers
 

@@ -54,6 +54,13 @@ def build_training_report(bundle_dir: Path) -> Path:
     history = train.get("history") or []
     if history:
         parts += ["<h2>Loss curves</h2>", img(loss_curves(history), "loss curves")]
+    examples = [(bundle_dir / f"example_{k}.png", k) for k in ("input", "recon")]
+    if all(p.exists() for p, _ in examples):
+        parts += ["<h2>Example: a held-out validation scan and its reconstruction</h2>"]
+        for path, kind in examples:
+            parts += [img(path.read_bytes(), f"validation {kind}"),
+                      f"<p class='muted small'>{'input' if kind == 'input' else 'reconstruction'}"
+                      "</p>"]
     parts += ["<h2>Calibration on held-out healthy participants</h2>",
               table(["voxel FPR", "threshold (z)"],
                     [[k, f"{v:.3f}"] for k, v in calib.get("thresholds", {}).items()],
