@@ -109,6 +109,10 @@ def run_options(f):
                      help="Random seed (training split, initialisation, augmentation)."),
         click.option("--resolution", type=click.Choice(["1", "2"]), default="2",
                      show_default=True, help="Template resolution in mm (training)."),
+        click.option("--registration", type=click.Choice(["affine", "syn"]), default="affine",
+                     show_default=True,
+                     help="Registration to the template (training; scoring follows the "
+                          "bundle's recipe)."),
         click.option("--brain-extraction", type=click.Choice(["auto", "deepbet", "none"]),
                      default="auto", show_default=True,
                      help="auto: deepbet unless the input is already skull-stripped."),
@@ -151,7 +155,8 @@ def _build_config(bids_dir, output_dir, kw, contrasts=("T1w",), healthy=()):
             bids_filters=filters, contrasts=tuple(contrasts), healthy_filter=tuple(healthy)),
         resources=res,
         preproc=PreprocConfig(resolution=int(kw.get("resolution", 2)),
-                              brain_extraction=kw.get("brain_extraction", "auto")),
+                              brain_extraction=kw.get("brain_extraction", "auto"),
+                              registration=kw.get("registration", "affine")),
         seed=kw.get("seed", 0), verbose=kw.get("verbose", 0),
         command=" ".join(shlex.quote(a) for a in ["bids-anomaly", *sys.argv[1:]]),
     )

@@ -165,3 +165,29 @@ def test_native_round_trip(tmp_path):
     tmask = np.asarray(nb.load(res.template_brain_mask).dataobj) > 0
     tdice = 2 * (tmask & tpl.mask).sum() / (tmask.sum() + tpl.mask.sum())
     assert tdice > 0.85
+
+
+def test_syn_registration_round_trip(tmp_path):
+    """With SyN, the warps are kept and native maps use the inverse warp."""
+    from dataclasses import replace
+
+    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.preprocessing.pipeline import preprocess_scan
+    from bids_anomaly.preprocessing.registration import to_native, warp_paths
+    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.templates import load_template
+
+    root = tmp_path / "bids"
+    generate_cohort(root, SynthConfig(n_healthy=1, n_healthy_test=0, n_patients=0,
+                                      voxel_size=4.0, template_resolution=2, with_skull=False,
+                                      seed=8))
+    res = preprocess_scan({"T1w": str(root / "sub-h01/anat/sub-h01_T1w.nii.gz")},
+                          tmp_path / "pre", replace(PreprocConfig(), registration="syn"))
+    assert all(p.exists() for p in warp_paths(res.xfm))
+    tpl = load_template(2)
+    tmask = np.asarray(nb.load(res.template_brain_mask).dataobj) > 0
+    assert 2 * (tmask & tpl.mask).sum() / (tmask.sum() + tpl.mask.sum()) > 0.9
+    native = nb.load(res.native_ref)
+    back = to_native(tmask.astype(np.float32), tpl, native, res.xfm, tmp_path / "w") > 0.5
+    mask = np.asarray(nb.load(res.native_brain_mask).dataobj) > 0
+    assert 2 * (back & mask).sum() / (back.sum() + mask.sum()) > 0.9

@@ -122,6 +122,11 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
     put(files["native_mask"], out.native_mask, mask_meta)
     put(preproc["xfm"], out.xfm, {"Sources": [t1_uri], "Type": "ITK affine (antspyx)",
                                   "FromSpace": "T1w", "ToSpace": out.space})
+    from ..preprocessing.registration import warp_paths
+
+    for src, dest in zip(warp_paths(preproc["xfm"]), warp_paths(output_dir / out.xfm)):
+        if src.exists():  # SyN: the warps travel with the affine
+            _copy(str(src), dest)
     put(files["clusters"], out.clusters, {
         "cluster_id": {"Description": "cluster number, largest first"},
         "size_mm3": {"Description": "cluster volume", "Units": "mm^3"},

@@ -35,10 +35,11 @@ def register_to_template(
     seed: int = 0,
     threads: int = 1,
 ) -> list[str]:
-    """Register a brain image to the template brain; copy the forward transform to ``xfm_out``.
+    """Register a brain image to the template brain; copy the transforms beside ``xfm_out``.
 
-    Returns the ANTs transform list that maps template-space points into the moving image
-    (what ``ants.apply_transforms`` needs to resample the moving image onto the template).
+    ``xfm_out`` receives the affine (ITK .mat); with ``kind='syn'`` the forward and inverse
+    warps go to :func:`warp_paths` of it. Returns the ANTs transform list that resamples the
+    moving image onto the template (what ``ants.apply_transforms`` needs).
     """
     import ants
 
@@ -54,12 +55,18 @@ def register_to_template(
         outprefix=str(work / "reg_"),
     )
     fwd = list(reg["fwdtransforms"])
-    affine = [t for t in fwd if t.endswith(".mat")]
-    shutil.copyfile(affine[0], xfm_out)
+    shutil.copyfile([t for t in fwd if t.endswith(".mat")][0], xfm_out)
     if kind == "syn":
-        warp = [t for t in fwd if t.endswith(".nii.gz") and "Inverse" not in t][0]
-        shutil.copyfile(warp, Path(str(xfm_out).replace(".mat", "_warp.nii.gz")))
+        warp, inverse = warp_paths(xfm_out)
+        shutil.copyfile([t for t in fwd if t.endswith(".nii.gz")][0], warp)
+        shutil.copyfile([t for t in reg["invtransforms"] if t.endswith(".nii.gz")][0], inverse)
     return fwd
+
+
+def warp_paths(xfm: Path | str) -> tuple[Path, Path]:
+    """Where the forward and inverse SyN warps of an affine ``xfm`` live."""
+    base = str(xfm)[: -len(".mat")]
+    return Path(base + "_warp.nii.gz"), Path(base + "_inversewarp.nii.gz")
 
 
 def to_template(
@@ -80,14 +87,22 @@ def to_native(
     data: np.ndarray, template: Template, native_ref: nb.Nifti1Image, xfm: Path, work: Path,
     interpolation: str = "linear", threads: int = 1,
 ) -> np.ndarray:
-    """Bring a template-space map back onto the participant's native grid (inverse affine)."""
+    """Bring a template-space map back onto the participant's native grid.
+
+    Inverts the affine, and applies the inverse SyN warp when registration made one.
+    """
     import ants
 
     _set_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
     fixed = _ants_image(native_ref, work, "native_ref")
     mov = _ants_image(template.image(data), work, "to_native_in")
+    transforms, invert = [str(xfm)], [True]
+    inverse = warp_paths(xfm)[1]
+    if inverse.exists():
+        transforms.append(str(inverse))
+        invert.append(False)
     out = ants.apply_transforms(
-        fixed, mov, transformlist=[str(xfm)], whichtoinvert=[True], interpolator=interpolation
+        fixed, mov, transformlist=transforms, whichtoinvert=invert, interpolator=interpolation
     )
     return out.numpy().astype(np.float32)
