@@ -177,7 +177,7 @@ def main() -> None:
                 df = pd.read_csv(outs[name] / "group_anomaly.tsv", sep="\t")
                 rows.append({"dataset": name, "method": model, "n_scans": len(df),
                              "mean_pct": float(df.percentile.mean()),
-                             "flagged": int((df.flagged.astype(str) == "true").sum())})
+                             "flagged": int((df.flagged.astype(str).str.lower() == "true").sum())})
                 continue
             ev = evaluate_outputs([outs[name]], labels)
             p = ev.pooled.iloc[0].to_dict()
