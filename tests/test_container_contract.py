@@ -212,12 +212,13 @@ def contract():
             n_healthy=3, n_healthy_test=1, n_patients=1, voxel_size=4.0,
             template_resolution=2, with_skull=False, seed=23))
         _make_readable(cohort.root)
-        # The bundle comes from an ordinary (root) training run, read-only for the UID.
+        # The bundle comes from an ordinary (root) training run, read-only for the UID. The
+        # sandboxed runs below use the default plugin (MultiProc, forkserver), as the image.
         models = base / "models-out"
         train = subprocess.run(
             [str(cli), "train", str(cohort.root), str(models), "--model-type", "zscore",
              "--healthy-filter", "split=train", "-w", str(base / "train-work"),
-             "--nprocs", "1"],
+             "--nprocs", "1", "--plugin", "Linear"],  # in-process: half the CPU time
             capture_output=True, text=True, timeout=TIMEOUT,
             env={**os.environ, "NIPYPE_NO_ET": "1", "OMP_NUM_THREADS": "1"})
         assert train.returncode == 0, f"training failed:\n{train.stdout}\n{train.stderr}"
