@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from .models.bundle import save_bundle
 from .preprocessing.pipeline import PreprocResult
 from .scoring import ScoringParams
 from .templates import TEMPLATE_NAME, load_template
+from .training import format_eta
 from .versions import software_versions
 
 LOG = logging.getLogger("bids_anomaly")
@@ -64,8 +67,19 @@ class FitInputs:
     resume: bool
 
 
-def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
-    """Fit on the training participants, calibrate on the held-out ones, save the bundle."""
+def fit_bundle(inputs: FitInputs, dest: Path,
+               progress: Callable[[dict], None] | bool | None = None) -> Path:
+    """Fit on the training participants, calibrate on the held-out ones, save the bundle.
+
+    ``progress`` (for callers in Python, e.g. the benchmarks) gets the trainer's record after
+    every epoch (epoch, epochs, losses, seconds, samples_per_s, eta_seconds); ``True`` shows a
+    rich progress bar when stderr is a terminal and this is the main process (else nothing).
+    The nipype node passes none: the per-epoch log line (with its ETA) is what shows there."""
+    if progress is True:
+        with _progress_bar(inputs.model_type) as bar:
+            return fit_bundle(inputs, dest, progress=bar)
+    if progress is False:
+        progress = None
     t0 = time.perf_counter()
     preproc = PreprocConfig.from_dict(inputs.preproc)
     template = load_template(preproc.resolution)
@@ -86,7 +100,7 @@ def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
     device = resolve_device(inputs.device)
     ctx = FitContext(val_volumes=[v for v, _ in held], val_masks=[m for _, m in held],
                      device=device, threads=inputs.threads, seed=inputs.seed,
-                     checkpoint=inputs.checkpoint, resume=inputs.resume)
+                     checkpoint=inputs.checkpoint, resume=inputs.resume, progress=progress)
     LOG.info("Fitting %s on %d scans (%d participants); %d held-out scans for calibration",
              inputs.model_type, len(fit), len(fit_subj), len(held))
     history = model.fit([v for v, _ in fit], [m for _, m in fit], ctx)
@@ -123,6 +137,28 @@ def fit_bundle(inputs: FitInputs, dest: Path) -> Path:
     if held:
         extra.update(_example_reconstructions(model, held[0][0], held[0][1], device))
     return save_bundle(dest, model, card, calib, extra_files=extra)
+
+
+@contextmanager
+def _progress_bar(label: str):
+    """A rich bar fed by the trainer's per-epoch records; None where it would not show."""
+    import multiprocessing
+    import sys
+
+    if not sys.stderr.isatty() or multiprocessing.current_process().name != "MainProcess":
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn(f"training {label}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), transient=False) as bar:
+        task = bar.add_task("fit", total=None, info="")
+
+        def update(rec: dict) -> None:
+            bar.update(task, completed=rec["epoch"], total=rec["epochs"],
+                       info=f"val {rec['val_loss']:.5f}  ETA {format_eta(rec['eta_seconds'])}")
+
+        yield update
 
 
 def _example_reconstructions(model, volume: np.ndarray, mask: np.ndarray, device: str

@@ -5,9 +5,15 @@ The CLI builds a :class:`~bids_anomaly.config.RunConfig` and calls these; no cli
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import logging
+import os
+import re
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from .errors import (
     ExitCode,
     TrainingError,
 )
+from .naming import ScanKey, ScanOutputs
 from .paths import ensure_writable_dir, validate_run_paths
 from .preprocessing.checks import load_checked
 from .versions import software_versions
@@ -40,6 +47,9 @@ from .workflows.base import (
 from .workflows.interfaces import DerivativesSink, Fit, Score
 
 LOG = logging.getLogger("bids_anomaly")
+# OSErrors of a derivatives sink that mean "cannot create output" (exit 73): ENOSPC, EROFS,
+# EDQUOT, EACCES.
+_OUTPUT_ERRNO = re.compile(r"\[Errno (28|30|122|13)\]")
 
 
 @dataclass
@@ -71,6 +81,134 @@ class RunSummary:
         return codes.pop() if len(codes) == 1 else ExitCode.FAILURE
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere), children first."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_children(grace_s: float = 3.0) -> int:
+    """Stop every descendant process (nipype workers, the forkserver); return how many.
+
+    Workers first get SIGINT, so Python code unwinds and removes its temporary files, then
+    SIGTERM, then SIGKILL. The processes are found through /proc rather than a process
+    group: a CLI that called setpgrp() would leave the terminal's foreground group (Ctrl-C
+    would no longer reach it) and would escape the process tracking of some batch systems.
+    """
+    me = os.getpid()
+    procs = _descendants(me)
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 1.0), (signal.SIGKILL, 1.0)):
+        alive = []
+        for pid in procs:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            for pid in list(alive):
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+                if not _alive(pid):
+                    alive.remove(pid)
+            time.sleep(0.05)
+        procs = alive
+        if not procs:
+            break
+    return len(_descendants(me))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def remove_temp_files(places: list[tuple[Path, str]]) -> list[Path]:
+    """Delete atomic-write temporaries (``.NAME.XXXX.tmp*``): (folder, glob) pairs.
+
+    Only this run's folders are swept: other participant-level processes may be writing
+    into the same OUTPUT_DIR at the same time.
+    """
+    removed = []
+    for folder, pattern in places:
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(pattern):
+            if p.is_file() and ".tmp" in p.name:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def _subject_places(output_dir: Path, subjects) -> list[tuple[Path, str]]:
+    out = []
+    for s in sorted(set(subjects)):
+        out += [(output_dir / f"sub-{s}", "**/.*.tmp*"), (output_dir, f".sub-{s}.*.tmp*")]
+    return out
+
+
+@contextlib.contextmanager
+def interruptible(level: str, places: list[tuple[Path, str]], scans_done) -> Iterator[None]:
+    """On SIGINT/SIGTERM (KeyboardInterrupt): stop workers, drop temp files, say what finished.
+
+    The exception is re-raised with ``finished`` (scan ids whose outputs are complete),
+    ``pending`` and ``level`` attached, for the CLI's summary line.
+    """
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        stop_children()
+        remove_temp_files(places)
+        finished, pending = scans_done()
+        exc.level, exc.finished, exc.pending = level, finished, pending
+        LOG.warning("interrupted: %d scan(s) finished, %d not", len(finished), len(pending))
+        raise
+
+
+def _scored(output_dir: Path, scans: list[ScanInput]) -> tuple[list[str], list[str]]:
+    finished, pending = [], []
+    for scan in scans:
+        f = output_dir / ScanOutputs(scan.key).scores
+        try:
+            ok = json.loads(f.read_text()).get("status") == "ok"
+        except (OSError, ValueError):
+            ok = False
+        (finished if ok else pending).append(scan.key.scan_id)
+    return finished, pending
+
+
 def provenance(cfg: RunConfig) -> dict:
     return {"command": cfg.command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
             "versions": {"bids-anomaly": __version__, **software_versions()}}
@@ -83,7 +221,8 @@ def setup_run(cfg: RunConfig) -> Path:
     ensure_writable_dir(cfg.work_dir, "work directory")
     logs = ensure_writable_dir(cfg.output_dir / "logs", "log directory")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    handler = logging.FileHandler(logs / f"run-{stamp}.log")
+    # One log per process: concurrent participant-level runs share OUTPUT_DIR/logs.
+    handler = logging.FileHandler(logs / f"run-{stamp}-{os.getpid()}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
     return logs
@@ -147,6 +286,16 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     subjects = sorted({s.key.subject for s in scans})
     healthy = set(healthy_subjects(cfg.bids_dir, subjects, cfg.selection.healthy_filter))
     scans = [s for s in scans if s.key.subject in healthy]
+    dest = cfg.output_dir / "models" / tcfg.name
+    places = [(dest, "**/.*.tmp*"), (dest.parent, f".{tcfg.name}*.tmp*")]
+    bundle_done = lambda: ((["bundle"], []) if (dest / "model.json").exists()  # noqa: E731
+                           else ([], ["bundle"]))
+    with interruptible("train", places, bundle_done):
+        return _train(cfg, tcfg, scans, device, dest, t0)
+
+
+def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: str,
+           dest: Path, t0: float) -> RunSummary:
     good, failed = precheck(scans)
     done, pfail = run_preprocessing(cfg, good, device)
     failed.update(pfail)
@@ -158,7 +307,6 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
             f"training needs at least 2 healthy participants that preprocess cleanly; "
             f"{len(ok)} scan(s) available"
         )
-    dest = cfg.output_dir / "models" / tcfg.name
     threads = max(1, cfg.resources.nprocs if cfg.resources.omp_nthreads == 0
                   else cfg.resources.omp_nthreads)
     spec = {
@@ -181,7 +329,7 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     node = Node(Fit(), name="fit", n_procs=threads, mem_gb=3.0)
     node.inputs.preproc = [str(done[s.key.scan_id]) for s in ok]
     node.inputs.spec = spec
-    node.inputs.dest = str(dest)
+    node.inputs.dest = str(dest.resolve())  # nipype runs the node from its own folder
     node.inputs.use_gpu = device.startswith("cuda")
     node.overwrite = True  # the bundle is the product: always (re)write it
     wf.add_nodes([node])
@@ -230,6 +378,18 @@ def run_participant(cfg: RunConfig, model: str) -> RunSummary:
     cfg = replace(cfg, preproc=pre,
                   selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
     scans = discover(cfg)
+    places = _subject_places(cfg.output_dir, [s.key.subject for s in scans])
+    # Temporaries of these participants are left only by a run that was killed (SIGKILL,
+    # node loss): nothing else writes them, so they are removed before resuming.
+    stale = remove_temp_files(places)
+    if stale:
+        LOG.warning("removed %d temporary file(s) left by an interrupted run", len(stale))
+    with interruptible("participant", places, lambda: _scored(cfg.output_dir, scans)):
+        return _score_scans(cfg, bundle, scans, device, t0)
+
+
+def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
+                 t0: float) -> RunSummary:
     derivatives.ensure_dataset(cfg.output_dir, cfg.bids_dir)
     prov = provenance(cfg)
     good, failed = precheck(scans)
@@ -264,7 +424,10 @@ def run_participant(cfg: RunConfig, model: str) -> RunSummary:
         names[sink.name] = sid
     if names:
         crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
-        failed.update(failures_from_crashes(crashes, names))
+        for sid, f in failures_from_crashes(crashes, names).items():
+            if _OUTPUT_ERRNO.search(f.message):  # disk full, read-only, quota, permission
+                f.code = ExitCode.CANNOT_CREATE_OUTPUT
+            failed[sid] = f
     summary = RunSummary("participant")
     for scan in scans:
         sid = scan.key.scan_id
@@ -274,7 +437,19 @@ def run_participant(cfg: RunConfig, model: str) -> RunSummary:
             summary.scans.append(ScanStatus(sid, "failed", f.message, f.code))
         else:
             summary.scans.append(ScanStatus(sid, "ok"))
-    summary.outputs.update(build_reports(cfg.output_dir, sorted({s.key.subject for s in scans})))
+    # Participants asked for by label that have no T1w matching the selection: discovery
+    # drops them (the others run); say so instead of finishing silently without them.
+    found = {s.key.subject for s in scans}
+    for subject in cfg.selection.participant_labels:
+        if subject not in found:
+            msg = (f"sub-{subject}: no T1w image in {cfg.bids_dir} matches the selection; "
+                   "nothing to score")
+            LOG.error(msg)
+            derivatives.write_failure(cfg.output_dir, ScanKey(subject), msg, prov)
+            summary.scans.append(ScanStatus(ScanKey(subject).scan_id, "failed", msg,
+                                            ExitCode.MISSING_INPUT))
+            found.add(subject)
+    summary.outputs.update(build_reports(cfg.output_dir, sorted(found)))
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -3,6 +3,9 @@
 Seeded per epoch (so a resumed run repeats an uninterrupted one), early stopping on the
 validation loss, a checkpoint after every epoch, AMP and pinned memory on CUDA.
 
+Each training batch is augmented on the device (:mod:`.augment`: flips, shifts, intensity and
+gamma, bias field, small affine) with draws from the per-epoch generator.
+
 The loss is the masked MSE of the network's output against the clean slice. A model with
 another objective (a VAE's KL term) passes ``loss_fn(out, clean, mask)``; a network whose
 forward returns a tuple ``(recon, *extras)`` is scored on ``recon`` when no ``loss_fn`` is given.
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .augment import augment_batch, flip_shift
 from .models.base import FitContext
 
 LOG = logging.getLogger("bids_anomaly")
@@ -37,15 +41,25 @@ def resolve_device(device: str) -> str:
 
 
 def augment(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
-    """Random left-right flips and in-plane shifts (same for image and mask)."""
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-2), x)
-    m = torch.where(flip[:, None, None, None].to(m.device), m.flip(-2), m)
-    if shift > 0:
-        dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
-        x = torch.roll(x, (dx, dy), dims=(-2, -1))
-        m = torch.roll(m, (dx, dy), dims=(-2, -1))
-    return x, m
+    """Random left-right flips and in-plane shifts (kept for callers; see :mod:`.augment`)."""
+    return flip_shift(x, m, shift, gen)
+
+
+def format_eta(seconds: float) -> str:
+    """Seconds as MM:SS, or H:MM:SS from an hour up."""
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    mnt, sec = divmod(rem, 60)
+    return f"{h}:{mnt:02d}:{sec:02d}" if h else f"{mnt:02d}:{sec:02d}"
+
+
+def eta_seconds(epoch_times: list[float], remaining_epochs: int, elapsed: float,
+                max_minutes: float) -> float:
+    """Remaining epochs × mean epoch time, capped by what is left of the time budget."""
+    if not epoch_times or remaining_epochs <= 0:
+        return 0.0
+    est = remaining_epochs * sum(epoch_times) / len(epoch_times)
+    return max(0.0, min(est, max_minutes * 60.0 - elapsed))
 
 
 def masked_loss(out, clean: torch.Tensor, mask: torch.Tensor,
@@ -112,6 +126,7 @@ class TorchTrainer:
             LOG.info("Resuming training from epoch %d (%s)", start_epoch + 1, ctx.checkpoint)
         bs = int(hp["batch_size"])
         t0 = time.perf_counter()
+        epoch_times: list[float] = []
         for epoch in range(start_epoch, epochs):
             te = time.perf_counter()
             gen = torch.Generator().manual_seed(ctx.seed * 100003 + epoch)
@@ -124,7 +139,7 @@ class TorchTrainer:
                 idx = order[i : i + bs]
                 xb = x[idx].to(device, non_blocking=True)
                 mb = m[idx].to(device, non_blocking=True)
-                xb, mb = augment(xb, mb, int(hp["shift"]), gen)
+                xb, mb = augment_batch(xb, mb, hp, gen)
                 inp = make_input(xb, mb, gen)
                 with torch.autocast(device_type="cuda", enabled=cuda):
                     out = net(inp)
@@ -143,6 +158,10 @@ class TorchTrainer:
             rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "seconds": dt, "samples_per_s": seen / dt if dt > 0 else 0.0}
             history.append(rec)
+            epoch_times.append(dt)
+            eta = eta_seconds(epoch_times, epochs - epoch - 1, time.perf_counter() - t0,
+                              float(hp["max_minutes"]))
+            rec_progress = {**rec, "epochs": epochs, "eta_seconds": eta}
             if val_loss < best[0]:
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 best = (val_loss, best_state, epoch + 1)
@@ -150,9 +169,10 @@ class TorchTrainer:
                         "sched": sched.state_dict(), "history": history, "epoch": epoch,
                         "best_loss": best[0], "best_net": best[1], "best_epoch": best[2]})
             if ctx.progress:
-                ctx.progress({**rec, "epochs": epochs})
-            LOG.info("epoch %d/%d train %.5f val %.5f (%.1f s, %.0f slices/s)", epoch + 1,
-                     epochs, train_loss, val_loss, dt, rec["samples_per_s"])
+                ctx.progress(rec_progress)
+            LOG.info("epoch %d/%d train %.5f val %.5f (%.1f s, %.0f slices/s, ETA %s)",
+                     epoch + 1, epochs, train_loss, val_loss, dt, rec["samples_per_s"],
+                     format_eta(eta))
             if epoch + 1 - best[2] >= int(hp["patience"]):
                 LOG.info("Early stopping: no validation improvement for %d epochs", hp["patience"])
                 break

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .argv import expand_greedy
 from .console import console, print_evaluation, print_summary, setup_logging
 
 LEVELS = ("participant", "group")
-MODEL_TYPES = ["dae", "ae", "vae", "zscore"]
+MODEL_TYPES = ["dae", "ae", "vae", "ddpm", "zscore"]
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -146,8 +147,9 @@ def _build_config(bids_dir, output_dir, kw, contrasts=("T1w",), healthy=()):
         mem_gb=kw.get("mem"), device=kw.get("device", "auto"),
         plugin=kw.get("plugin", "MultiProc"), plugin_args=kw.get("plugin_args") or {},
     )
+    # Absolute paths: nipype runs every node from its own folder.
     return RunConfig(
-        bids_dir=bids_dir, output_dir=output_dir, work_dir=work,
+        bids_dir=bids_dir.resolve(), output_dir=output_dir.resolve(), work_dir=work.resolve(),
         selection=SelectionConfig(
             participant_labels=tuple(p.removeprefix("sub-")
                                      for p in kw.get("participant_label", ())),
@@ -378,9 +380,70 @@ def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose):
     sys.exit(1 if bad else 0)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by the SIGINT/SIGTERM handler (carries the signal number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    # Only the first signal interrupts; cleanup (stopping workers, a few seconds at most)
+    # must not itself be interrupted by a second Ctrl-C or a repeated SIGTERM.
+    if getattr(_on_signal, "fired", False):
+        return
+    _on_signal.fired = True
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM stop the run cleanly (exit 130 / 143).
+
+    The runner then stops nipype's workers (found through /proc, see
+    ``bids_anomaly.runner.stop_children``), removes temporary files and reports which scans
+    finished. No process group is created: SLURM/scancel and a terminal's Ctrl-C signal the
+    whole job or foreground group, which still includes every worker.
+    """
+    _on_signal.fired = False
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread (main() called in-process): keep the defaults
+        pass
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    finished = getattr(exc, "finished", None)
+    pending = getattr(exc, "pending", None)
+    if finished is None:
+        detail = "nothing was running yet"
+    elif getattr(exc, "level", "") == "train":
+        detail = ("the model bundle was not written" if pending else
+                  "the model bundle was complete") + "; preprocessed scans stay in the work dir"
+    else:
+        detail = (f"{len(finished)} of {len(finished) + len(pending)} scan(s) finished"
+                  + (f" ({', '.join(finished)})" if finished else ""))
+    console.print(f"[red]Interrupted by {name}:[/] {detail}; finished outputs are kept and "
+                  "no temporary files remain; re-run the same command (same -w) to resume.",
+                  highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import logging
+
+    logging.shutdown()
+    if not isinstance(exc, Interrupted):
+        sys.exit(128 + int(signum))
+    # os._exit: the interpreter's atexit hooks would wait for nipype's process pool.
+    os._exit(128 + int(signum))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit codes follow the BIDS Apps spec draft (click's 2 becomes 64)."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    install_signal_handlers()
     args = expand_greedy(list(sys.argv[1:] if argv is None else argv))
     try:
         main_group.main(args=args, prog_name="bids-anomaly", standalone_mode=False)
@@ -390,17 +453,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.UsageError as exc:
         exc.show()
         sys.exit(int(ExitCode.USAGE))
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click wraps Ctrl-C/SIGTERM
+            _interrupted(exc.__cause__)
         console.print("[red]Aborted.[/]")
         sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except BidsAnomalyError as exc:
         console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
-    except KeyboardInterrupt:
-        console.print("[red]Interrupted: finished outputs are kept; re-run to resume.[/]")
-        sys.exit(130)
     sys.exit(0)
 
 

@@ -20,7 +20,7 @@ def register(cls: type[AnomalyModel]) -> type[AnomalyModel]:
 
 
 def get_model_class(type_name: str) -> type[AnomalyModel]:
-    from . import ae, dae, vae, zscore  # noqa: F401  (register the built-in models)
+    from . import ae, dae, ddpm, vae, zscore  # noqa: F401  (register the built-in models)
 
     try:
         return REGISTRY[type_name]

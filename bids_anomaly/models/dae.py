@@ -37,6 +37,9 @@ class DAEModel(SliceModel):
         "patience": 10,
         "max_minutes": 15.0,
         "shift": 4,
+        "aug_gamma": 0.1,
+        "aug_bias": 0.1,
+        "aug_affine": 5.0,
         "min_brain": 0.0,
     }
 

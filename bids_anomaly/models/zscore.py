@@ -45,5 +45,11 @@ class ZScoreModel(AnomalyModel):
                 "std": torch.from_numpy(np.ascontiguousarray(self.std))}
 
     def load_state_dict(self, state):
-        self.mean = state["mean"].numpy().astype(np.float32)
-        self.std = state["std"].numpy().astype(np.float32)
+        mean = state["mean"].numpy().astype(np.float32)
+        std = state["std"].numpy().astype(np.float32)
+        want = (len(self.contrasts), *self.shape)
+        if mean.shape != want or std.shape != want:
+            # Without this, a card naming other contrasts would broadcast silently.
+            raise ValueError(f"zscore weights have shape {tuple(mean.shape)}, but the card's "
+                             f"contrasts {self.contrasts} and shape need {want}")
+        self.mean, self.std = mean, std

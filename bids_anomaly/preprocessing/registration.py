@@ -18,6 +18,25 @@ def _set_threads(threads: int) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, threads))
 
 
+def _set_seed(seed: int) -> None:
+    """Make antsRegistration's metric sampling repeatable.
+
+    antspyx 0.6 ignores ``registration(random_seed=...)``: it passes ``--random-seed`` only
+    from ``ants.config._random_seed``; otherwise ANTs reads ``ANTS_RANDOM_SEED`` and, when that
+    is unset or 0, seeds from the clock, so two runs of one scan gave different transforms.
+    ANTs treats 0 as "random", hence the shift by one.
+    """
+    value = int(seed) % (2**31 - 1) + 1
+    os.environ["ANTS_RANDOM_SEED"] = str(value)
+    try:
+        import ants.config as ants_config
+
+        if hasattr(ants_config, "_random_seed"):
+            ants_config._random_seed = value
+    except ImportError:
+        pass
+
+
 def _ants_image(img: nb.Nifti1Image, tmp_dir: Path, name: str):
     import ants
 
@@ -44,6 +63,7 @@ def register_to_template(
     import ants
 
     _set_threads(threads)
+    _set_seed(seed)
     work.mkdir(parents=True, exist_ok=True)
     fixed = _ants_image(template.image(template.t1), work, "template")
     mov = _ants_image(moving, work, "moving")

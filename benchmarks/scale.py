@@ -1,0 +1,150 @@
+"""Scaling of the participant level: time per participant and peak memory vs cohort size.
+
+    python benchmarks/scale.py [--sizes 50 100 200] [--voxel-size 4] [--nprocs 2] [--keep DIR]
+
+A synthetic skull-free cohort (4 training participants + max(sizes) test participants) is
+generated, a zscore bundle trained once, then each size is scored by the CLI (a subprocess,
+fresh work and output folders, so nothing is cached). Per size: wall time, time per
+participant, peak RSS of the main process (VmHWM), peak summed RSS of all processes and
+the largest descendant's peak (resource.getrusage(RUSAGE_CHILDREN), a running maximum).
+Ratios against the smallest size should be ~1 for time per participant (linear cost) and
+for memory (flat memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import print_table
+
+
+def _descendants(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class Sampler(threading.Thread):
+    """Polls /proc: the main process's VmHWM and the summed VmRSS of the whole tree."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.main_hwm = self.tree_peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
+            tree = _status_kb(self.pid, "VmRSS") + sum(
+                _status_kb(p, "VmRSS") for p in _descendants(self.pid))
+            self.tree_peak = max(self.tree_peak, tree)
+            self.stop.wait(self.every)
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "bids_anomaly.cli.main", *map(str, args)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[50, 100, 200])
+    ap.add_argument("--voxel-size", type=float, default=4.0, choices=[3.0, 4.0])
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, help="Work here and keep everything (default: temp).")
+    args = ap.parse_args()
+    sizes = sorted(set(args.sizes))
+
+    from bids_anomaly.synth import SynthConfig, generate_cohort
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="ba-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        cohort = generate_cohort(root / "bids", SynthConfig(
+            n_healthy=4, n_healthy_test=max(sizes), n_patients=0, voxel_size=args.voxel_size,
+            template_resolution=2, with_skull=False, seed=args.seed))
+        print(f"generated {4 + max(sizes)} participants in {time.perf_counter() - t:.0f} s",
+              flush=True)
+        t = time.perf_counter()
+        r = subprocess.run(cli("train", cohort.root, root / "models-out", "--healthy-filter",
+                               "split=train", "--model-type", "zscore", "-w",
+                               root / "train-work", "--nprocs", args.nprocs),
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"training failed:\n{r.stdout}\n{r.stderr}")
+        print(f"trained zscore in {time.perf_counter() - t:.0f} s", flush=True)
+        bundle = root / "models-out" / "models" / "zscore"
+        tests = sorted(p.name[4:] for p in cohort.root.glob("sub-t*"))
+        rows = []
+        for n in sizes:
+            out, work = root / f"out-{n}", root / f"work-{n}"
+            t = time.perf_counter()
+            p = subprocess.Popen(cli(cohort.root, out, "participant", "--model", bundle,
+                                     "--participant-label", *tests[:n], "-w", work,
+                                     "--nprocs", args.nprocs),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            sampler = Sampler(p.pid)
+            sampler.start()
+            log, _ = p.communicate()
+            sampler.stop.set()
+            sampler.join()
+            wall = time.perf_counter() - t
+            if p.returncode:
+                sys.exit(f"size {n} failed ({p.returncode}):\n{log[-3000:]}")
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+            rows.append({"participants": n, "wall_s": wall, "s_per_participant": wall / n,
+                         "main_peak_mb": sampler.main_hwm / 1024.0,
+                         "tree_peak_mb": sampler.tree_peak / 1024.0,
+                         "max_child_peak_mb": kids})
+            print(f"{n} participants: {wall:.0f} s", flush=True)
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        base = rows[0]
+        for r_ in rows:
+            r_["time_ratio"] = r_["s_per_participant"] / base["s_per_participant"]
+            r_["main_mem_ratio"] = r_["main_peak_mb"] / base["main_peak_mb"]
+            r_["tree_mem_ratio"] = r_["tree_peak_mb"] / base["tree_peak_mb"]
+        print(f"\nvoxel size {args.voxel_size} mm, --nprocs {args.nprocs}, zscore model; "
+              "ratios against the smallest size (1.0 = linear time, flat memory)")
+        print_table(rows, ["participants", "wall_s", "s_per_participant", "time_ratio",
+                           "main_peak_mb", "main_mem_ratio", "tree_peak_mb", "tree_mem_ratio",
+                           "max_child_peak_mb"])
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

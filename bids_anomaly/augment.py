@@ -1,0 +1,95 @@
+"""Training-time augmentation of 2D slice batches, suited to MRI. Plain torch (no MONAI).
+
+Every random draw comes from the trainer's per-epoch CPU ``torch.Generator`` (parameters are
+drawn on the CPU, then moved to the batch's device), so a resumed run repeats an uninterrupted
+one exactly and results do not depend on the device's RNG. Image and mask get the same
+geometric transform; the intensity transforms touch the image only. The augmented slice is
+the training target too (the model's ``make_input`` corrupts it afterwards).
+
+Hyper-parameters (a model's ``defaults``; 0 disables one, and with all three at 0 the draws are
+skipped, so training is bit-for-bit what it was before these were added):
+
+``shift``       flips left-right (p = 0.5) and an in-plane roll of up to ±shift voxels;
+``aug_gamma``   intensity scaling by a factor in [1 - g/2, 1 + g/2] and a gamma in [1 - g, 1 + g];
+``aug_bias``    a smooth multiplicative bias field in [1 - b, 1 + b] (a random 3×3 control grid,
+                upsampled bicubically: a low-order, slowly varying field like residual
+                inhomogeneity after N4);
+``aug_affine``  rotation up to ±aug_affine degrees and isotropic scaling up to ±aug_affine % about
+                the slice centre (``affine_grid``/``grid_sample``; bilinear for the image,
+                nearest for the mask).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def flip_shift(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
+    """Random left-right flips and in-plane shifts (same for image and mask)."""
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-2), x)
+    m = torch.where(flip[:, None, None, None].to(m.device), m.flip(-2), m)
+    if shift > 0:
+        dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+        x = torch.roll(x, (dx, dy), dims=(-2, -1))
+        m = torch.roll(m, (dx, dy), dims=(-2, -1))
+    return x, m
+
+
+def intensity_gamma(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-slice scaling in [1 - s/2, 1 + s/2] and gamma in [1 - s, 1 + s] (x ≥ 0 assumed)."""
+    n = x.shape[0]
+    scale = _uniform(n, 1 - strength / 2, 1 + strength / 2, gen).to(x.device, x.dtype)
+    gamma = _uniform(n, 1 - strength, 1 + strength, gen).to(x.device, x.dtype)
+    shape = (n,) + (1,) * (x.dim() - 1)
+    return scale.view(shape) * x.clamp(min=0).pow(gamma.view(shape))
+
+
+def bias_field(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Multiply by a smooth field in [1 - s, 1 + s] (3×3 control grid, bicubic upsampling)."""
+    n, _, h, w = x.shape
+    ctrl = torch.rand(n, 1, 3, 3, generator=gen).to(x.device, x.dtype) * 2 - 1
+    field = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True)
+    return x * (1 + strength * field.clamp(-1, 1))
+
+
+def affine(x: torch.Tensor, m: torch.Tensor, degrees: float, gen: torch.Generator):
+    """Rotation up to ±degrees and scaling up to ±degrees % (same for image and mask)."""
+    n = x.shape[0]
+    theta = _uniform(n, -degrees, degrees, gen) * (math.pi / 180)
+    zoom = _uniform(n, 1 - degrees / 100, 1 + degrees / 100, gen)
+    cos, sin = torch.cos(theta) / zoom, torch.sin(theta) / zoom
+    zero = torch.zeros(n)
+    mat = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    mat = mat.to(x.device, torch.float32)
+    grid = F.affine_grid(mat, list(x.shape), align_corners=False)
+    xo = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
+                       align_corners=False).to(x.dtype)
+    mo = F.grid_sample(m.float(), grid, mode="nearest", padding_mode="zeros",
+                       align_corners=False).to(m.dtype)
+    return xo, mo
+
+
+def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generator):
+    """All augmentations a model's hyper-parameters ask for (missing keys: off, except shift
+    flips which always run). The image is re-masked so nothing leaks outside the brain."""
+    x, m = flip_shift(x, m, int(hp.get("shift", 0)), gen)
+    deg = float(hp.get("aug_affine", 0.0))
+    if deg > 0:
+        x, m = affine(x, m, deg, gen)
+    g = float(hp.get("aug_gamma", 0.0))
+    if g > 0:
+        x = intensity_gamma(x, g, gen)
+    b = float(hp.get("aug_bias", 0.0))
+    if b > 0:
+        x = bias_field(x, b, gen)
+    if deg > 0 or g > 0 or b > 0:
+        x = x * m
+    return x, m
