@@ -13,17 +13,7 @@ from bids_anomaly.models.base import FitContext, get_model_class
 from bids_anomaly.models.bundle import load_bundle, save_bundle
 from bids_anomaly.scoring import Calibration
 
-SHAPE = (40, 48, 12)
-
-
-def _volumes(n, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    disk = ((yy - 20) ** 2 / 300 + (xx - 24) ** 2 / 400) < 1
-    mask = np.repeat(disk[..., None], SHAPE[2], axis=2)
-    vols = [(0.5 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)[None] * mask
-            for _ in range(n)]
-    return vols, [mask] * n
+from .model_inputs import SHAPE, tiny_volumes
 
 
 def _calib():
@@ -42,7 +32,7 @@ def test_dae_forward_backward_tiny():
 
 
 def test_dae_fit_reduces_loss_and_reconstructs():
-    vols, masks = _volumes(3)
+    vols, masks = tiny_volumes(3)
     model = get_model_class("dae")(
         ["T1w"], SHAPE, {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 3,
                          "batch_size": 8})
@@ -56,7 +46,7 @@ def test_dae_fit_reduces_loss_and_reconstructs():
 
 
 def test_zscore_residual_is_standardised():
-    vols, masks = _volumes(5)
+    vols, masks = tiny_volumes(5)
     model = get_model_class("zscore")(["T1w"], SHAPE, {"smooth_sigma": 0.0, "min_std": 1e-3})
     model.fit(vols, masks, FitContext())
     odd = vols[0].copy()
@@ -72,7 +62,7 @@ def test_unknown_hyperparameter_is_refused():
 
 @pytest.mark.parametrize("kind", ["dae", "zscore"])
 def test_bundle_round_trip(tmp_path, kind):
-    vols, masks = _volumes(3)
+    vols, masks = tiny_volumes(3)
     hp = {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 1} if kind == "dae" \
         else {}
     model = get_model_class(kind)(["T1w"], SHAPE, hp)
@@ -88,7 +78,7 @@ def test_bundle_round_trip(tmp_path, kind):
 
 
 def _saved(tmp_path):
-    vols, masks = _volumes(2)
+    vols, masks = tiny_volumes(2)
     model = get_model_class("zscore")(["T1w"], SHAPE)
     model.fit(vols, masks, FitContext())
     card = {"name": "z", "template": "MNI152NLin2009aSym", "resolution": 2}

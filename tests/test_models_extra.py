@@ -12,26 +12,9 @@ from bids_anomaly.models.vae import kl_divergence
 from bids_anomaly.scoring import Calibration
 from bids_anomaly.training import masked_loss
 
-SHAPE = (40, 48, 12)
+from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
+
 TINY = {"channels": [4, 8], "latent": 8, "crop": [32, 40], "batch_size": 8}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _volumes(n, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    disk = ((yy - 20) ** 2 / 300 + (xx - 24) ** 2 / 400) < 1
-    mask = np.repeat(disk[..., None], SHAPE[2], axis=2)
-    vols = [(0.5 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)[None] * mask
-            for _ in range(n)]
-    return vols, [mask] * n
 
 
 def _calib():
@@ -88,7 +71,7 @@ def test_loss_hook():
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])
 def test_fit_reduces_loss_and_bundle_round_trip(tmp_path, kind):
-    vols, masks = _volumes(3)
+    vols, masks = tiny_volumes(3)
     torch.manual_seed(0)
     model = get_model_class(kind)(["T1w"], SHAPE, {**TINY, "epochs": 2})
     hist = model.fit(vols[:2], masks[:2],
@@ -113,7 +96,7 @@ class _Killed(Exception):
 
 def _resume_case(tmp_path, kind, hp):
     """4 epochs straight vs. killed after epoch 2 and resumed from the checkpoint."""
-    vols, masks = _volumes(3)
+    vols, masks = tiny_volumes(3)
     hp = {**hp, "crop": [32, 40], "batch_size": 8, "epochs": 4, "patience": 10}
 
     def run(name, init_seed, progress=None, resume=False):

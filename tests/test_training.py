@@ -14,27 +14,10 @@ from bids_anomaly.models.bundle import load_bundle, save_bundle
 from bids_anomaly.scoring import Calibration
 from bids_anomaly.training import eta_seconds, format_eta
 
-SHAPE = (40, 48, 12)
+from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
+
 DDPM_TINY = {"channels": [8, 8], "norm_num_groups": 4, "num_head_channels": 4,
              "crop": [32, 40], "batch_size": 8, "lr": 2e-3, "steps": 3, "t_start": 100}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _volumes(n, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    disk = ((yy - 20) ** 2 / 300 + (xx - 24) ** 2 / 400) < 1
-    mask = np.repeat(disk[..., None], SHAPE[2], axis=2)
-    vols = [(0.5 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)[None] * mask
-            for _ in range(n)]
-    return vols, [mask] * n
 
 
 def _batch(n=4):
@@ -117,7 +100,7 @@ def test_ddpm_forward_backward_tiny():
 
 
 def test_ddpm_fit_reconstruct_bundle(tmp_path, caplog):
-    vols, masks = _volumes(3)
+    vols, masks = tiny_volumes(3)
     torch.manual_seed(0)
     model = get_model_class("ddpm")(["T1w"], SHAPE, {**DDPM_TINY, "epochs": 2})
     with caplog.at_level(logging.INFO, logger="bids_anomaly"):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import register
-from .slice_model import SliceModel
+from .slice_model import SLICE_DEFAULTS, SliceModel
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -85,19 +85,9 @@ class AEModel(SliceModel):
 
     type_name = "ae"
     defaults = {
+        **SLICE_DEFAULTS,
         "channels": [32, 64, 128, 256],
         "latent": 128,
-        "crop": [96, 112],
-        "batch_size": 16,
-        "lr": 1e-3,
-        "epochs": 40,
-        "patience": 10,
-        "max_minutes": 15.0,
-        "shift": 4,
-        "aug_gamma": 0.1,
-        "aug_bias": 0.1,
-        "aug_affine": 5.0,
-        "min_brain": 0.0,
     }
 
     def __init__(self, contrasts, shape, hparams=None):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register
-from .slice_model import SliceModel
+from .slice_model import SLICE_DEFAULTS, SliceModel
 
 
 def coarse_noise(x: torch.Tensor, std: float, scale: int,
@@ -26,21 +26,11 @@ class DAEModel(SliceModel):
 
     type_name = "dae"
     defaults = {
+        **SLICE_DEFAULTS,
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
-        "crop": [96, 112],
         "noise_std": 0.2,
         "noise_scale": 8,
-        "batch_size": 16,
-        "lr": 1e-3,
-        "epochs": 40,
-        "patience": 10,
-        "max_minutes": 15.0,
-        "shift": 4,
-        "aug_gamma": 0.1,
-        "aug_bias": 0.1,
-        "aug_affine": 5.0,
-        "min_brain": 0.0,
     }
 
     def __init__(self, contrasts, shape, hparams=None):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import register
-from .slice_model import SliceModel
+from .slice_model import SLICE_DEFAULTS, SliceModel
 
 LOW, HIGH = 0.0, 1.5  # the normalised intensity range (see preprocessing: clip at 1.5)
 
@@ -55,6 +55,7 @@ class DDPMModel(SliceModel):
 
     type_name = "ddpm"
     defaults = {
+        **SLICE_DEFAULTS,
         "channels": [16, 32, 32, 64],
         "attention_lowest": False,
         "num_res_blocks": 1,
@@ -64,17 +65,9 @@ class DDPMModel(SliceModel):
         "t_start": 250,
         "steps": 10,
         "seed": 0,
-        "crop": [96, 112],
-        "batch_size": 16,
         "lr": 2e-4,
         "epochs": 60,
         "patience": 15,
-        "max_minutes": 15.0,
-        "shift": 4,
-        "aug_gamma": 0.1,
-        "aug_bias": 0.1,
-        "aug_affine": 5.0,
-        "min_brain": 0.0,
     }
 
     def __init__(self, contrasts, shape, hparams=None):

@@ -10,6 +10,21 @@ from ..training import LossFn, TorchTrainer
 from .base import AnomalyModel, FitContext
 from .slices import crop_box, slices_to_volume, volume_to_slices
 
+# Training defaults shared by every slice model (each may override some).
+SLICE_DEFAULTS: dict = {
+    "crop": [96, 112],
+    "batch_size": 16,
+    "lr": 1e-3,
+    "epochs": 40,
+    "patience": 10,
+    "max_minutes": 15.0,
+    "shift": 4,
+    "aug_gamma": 0.1,
+    "aug_bias": 0.1,
+    "aug_affine": 5.0,
+    "min_brain": 0.0,
+}
+
 
 class SliceModel(AnomalyModel):
     """Shared plumbing of slice-wise networks: crop box, fit via TorchTrainer, reconstruction,
