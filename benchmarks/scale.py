@@ -14,7 +14,6 @@ for memory (flat memory).
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import shutil
 import subprocess
@@ -26,22 +25,7 @@ from pathlib import Path
 
 from _common import print_table
 
-
-def _descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+from bids_anomaly.interrupt import descendants
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -67,7 +51,7 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
             tree = _status_kb(self.pid, "VmRSS") + sum(
-                _status_kb(p, "VmRSS") for p in _descendants(self.pid))
+                _status_kb(p, "VmRSS") for p in descendants(self.pid))
             self.tree_peak = max(self.tree_peak, tree)
             self.stop.wait(self.every)
 
