@@ -42,11 +42,13 @@ torch.set_num_threads(int(sys.argv[3]))
 from bids_anomaly.fit import load_volume
 from bids_anomaly.models.bundle import load_bundle
 from bids_anomaly.preprocessing.pipeline import PreprocResult
+from bids_anomaly.preprocessing.standardise import standardise_for_bundle
 from bids_anomaly.scoring import score_volume
 b = load_bundle(Path(sys.argv[1]))
 t_load = time.perf_counter() - t0
 res = PreprocResult.load(Path(sys.argv[2]))
 vol, mask = load_volume(res, b.card["contrasts"])
+vol = standardise_for_bundle(vol, mask, b.card)
 t1 = time.perf_counter()
 r = score_volume(b.model, vol, mask, b.calibration, nb.load(res.template_brain_mask).affine)
 print("RESULT " + json.dumps({"load_s": t_load, "score_s": time.perf_counter() - t1,

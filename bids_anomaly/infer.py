@@ -13,6 +13,7 @@ from .fit import load_volume
 from .models.bundle import load_bundle
 from .preprocessing.pipeline import PreprocResult
 from .preprocessing.registration import to_native
+from .preprocessing.standardise import standardise_for_bundle
 from .scoring import flag_score, score_volume
 from .templates import TEMPLATE_NAME, load_template
 
@@ -41,6 +42,7 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
     bundle.check_fits(list(pre.template_images), TEMPLATE_NAME, res)
     template = load_template(res)
     volume, brain = load_volume(pre, bundle.card["contrasts"])
+    volume = standardise_for_bundle(volume, brain, bundle.card)  # no-op for older bundles
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()

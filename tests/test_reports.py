@@ -80,6 +80,30 @@ def _write_scan(out: Path, tpl, key: ScanKey, lesion: bool, rng, **scores) -> No
     (out / so.scores).write_text(json.dumps(rec))
 
 
+NATIVE_SHAPE = (60, 72, 36)  # LPS voxel axes, 1 x 1 x 2 mm: the report must reorient and resample
+
+
+def _write_native(raw: Path, out: Path, key: ScanKey) -> tuple[np.ndarray, np.ndarray]:
+    """A raw T1w (head with a bright skull ring) and its native brain-mask derivative."""
+    ii, jj, kk = np.meshgrid(*(np.arange(n) - n / 2 + 0.5 for n in NATIVE_SHAPE), indexing="ij")
+    r = np.sqrt((ii / 26) ** 2 + (jj / 32) ** 2 + (kk / 15) ** 2)
+    brain = r < 0.8
+    head = np.where(brain, 100.0 + 20 * np.cos(ii / 3), np.where(r < 0.95, 250.0, 0.0))
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    affine[:3, 3] = [30.0, 36.0, -36.0]
+    rel = key.subdir / f"{key.scan_id}_T1w.nii.gz"
+    (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+    nb.save(nb.Nifti1Image(head.astype(np.float32), affine), str(raw / rel))
+    so = ScanOutputs(key)
+    nb.save(nb.Nifti1Image(brain.astype(np.uint8), affine), str(out / so.native_brain_mask))
+    (out / so.native_brain_mask).with_name(
+        so.native_brain_mask.name.replace(".nii.gz", ".json")).write_text(
+        json.dumps({"Sources": [f"bids:raw:{rel.as_posix()}"], "Type": "Brain"}))
+    (out / "dataset_description.json").write_text(json.dumps(
+        {"Name": "x", "DatasetType": "derivative", "DatasetLinks": {"raw": raw.as_uri()}}))
+    return head, brain
+
+
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out")
@@ -87,6 +111,8 @@ def out_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     k1, k2 = ScanKey("01", "1"), ScanKey("01", "2")
     _write_scan(out, tpl, k1, True, rng, score=3.217, percentile=99.4, flagged=True)
+    # ses-1's native input and brain mask: the QC contour is drawn on them.
+    _write_native(tmp_path_factory.mktemp("raw"), out, k1)
     _write_scan(out, tpl, k2, False, rng, score=0.8123, percentile=42.5, flagged=False)
     # ses-2 comes with its own QC image: it must be inlined instead of recomputed.
     qc_rel = Path("sub-01/figures/sub-01_ses-2_desc-given_qc.png")
@@ -164,6 +190,32 @@ def test_participant_figures_written(out_dir: Path, reports: dict[str, str]) -> 
         assert (figs / name).read_bytes().startswith(PNG), name
     assert not list(figs.glob(".*tmp*"))  # atomic writes leave no temporaries
     assert not (figs / "sub-01_ses-2_desc-brainmask_qc.png").exists()  # given QC was used
+
+
+def test_brain_mask_contour_over_native_input(out_dir: Path, reports: dict[str, str]) -> None:
+    """ses-1: the native brain mask is outlined over the native input T1w, not the template."""
+    text = reports["sub-01"]
+    assert 'data-testid="mask-qc-native-sub-01_ses-1"' in text
+    assert "over the input T1w in its native space (sub-01_ses-1_T1w.nii.gz)" in text
+    png = (out_dir / "sub-01/figures/sub-01_ses-1_desc-brainmask_qc.png").read_bytes()
+    import base64
+
+    assert base64.b64encode(png).decode() in text
+    assert not (out_dir / "sub-01/figures/sub-01_ses-1_space-MNI152NLin2009aSym"
+                "_desc-brainmask_qc.png").exists()
+    assert "registration edges" in text  # the template-space registration QC stays
+    # The loader hands back the input and mask on one RAS, isotropic (1.5 mm) grid.
+    from bids_anomaly.reports.loaders import load_native_qc
+
+    image, mask, path = load_native_qc(out_dir, ScanOutputs(ScanKey("01", "1")))
+    assert path.name == "sub-01_ses-1_T1w.nii.gz"
+    assert image.shape == mask.shape and mask.any()
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask)  # the rim blends with the skull on the display grid
+    assert np.all(image[inner] < 200) and np.any(image[~mask] > 200)  # skull stays outside
+    assert 30 <= image.shape[2] <= 60  # 2 mm slices shown on a 1.5 mm grid
+    assert load_native_qc(out_dir, ScanOutputs(ScanKey("01", "2"))) is None  # no native mask
 
 
 def test_failed_participant_escaped(reports: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..naming import ScanKey, ScanOutputs
+from ..naming import ScanKey, ScanOutputs, build_name, sidecar
 
 SCORES_GLOB = "*_desc-anomaly_scores.json"
 _ENTITY = re.compile(r"(?:^|_)(sub|ses|acq|run)-([A-Za-z0-9]+)")
@@ -173,3 +173,88 @@ def _outputs_for(output_dir: Path, key: ScanKey) -> ScanOutputs:
         if (output_dir / out.template_statmap).exists() or (output_dir / out.preproc()).exists():
             return out
     return ScanOutputs(key)
+
+
+# --------------------------------------------------------------------------- native input QC
+
+_RAW_PREFIX = "bids:raw:"
+QC_SPACING_MM = 1.5  # display grid of the native QC figure (coarser input grids are kept)
+
+
+def _raw_roots(output_dir: Path) -> list[Path]:
+    """Where the raw dataset may be: the derivative's DatasetLinks/SourceDatasets (file URIs),
+    then the folders above OUTPUT_DIR (``BIDS_DIR/derivatives/bids-anomaly``)."""
+    from urllib.parse import unquote, urlparse
+
+    roots: list[Path] = []
+    desc, _ = read_json(output_dir / "dataset_description.json")
+    uris: list[Any] = []
+    if desc:
+        links = desc.get("DatasetLinks")
+        uris.append(links.get("raw") if isinstance(links, dict) else None)
+        for src in desc.get("SourceDatasets") or []:
+            uris.append(src.get("URL") if isinstance(src, dict) else None)
+    for uri in uris:
+        if isinstance(uri, str) and uri.startswith("file:"):
+            roots.append(Path(unquote(urlparse(uri).path)))
+    roots.extend(list(output_dir.resolve().parents)[:3])
+    return roots
+
+
+def native_input_path(output_dir: Path, outs: ScanOutputs) -> Path | None:
+    """The raw T1w a scan's native brain mask was computed on (from the mask sidecar's
+    ``Sources``, resolved against the raw dataset), or None when it cannot be found."""
+    mask = output_dir / outs.native_brain_mask
+    if not mask.is_file():
+        return None
+    meta, _ = read_json(output_dir / sidecar(outs.native_brain_mask))
+    sources = meta.get("Sources") if meta else None
+    rels = [s[len(_RAW_PREFIX):] for s in sources or [] if isinstance(s, str)
+            and s.startswith(_RAW_PREFIX)]
+    rels.append((outs.key.subdir / build_name(outs.key, "T1w")).as_posix())
+    for root in _raw_roots(output_dir):
+        for rel in rels:
+            path = (root / rel).resolve()
+            if root.resolve() in path.parents and path.is_file():
+                return path
+    return None
+
+
+def load_native_qc(output_dir: Path, outs: ScanOutputs,
+                   spacing: float = QC_SPACING_MM) -> tuple[np.ndarray, np.ndarray, Path] | None:
+    """Native input T1w, its brain mask (RAS voxel axes, cropped to the mask, isotropic display
+    grid) and the input's path; None when either is missing, unreadable or off-grid."""
+    input_path = native_input_path(output_dir, outs)
+    if input_path is None:
+        return None
+    try:
+        import nibabel as nb
+        from scipy import ndimage
+
+        img = nb.as_closest_canonical(nb.load(str(input_path)))
+        msk = nb.as_closest_canonical(nb.load(str(output_dir / outs.native_brain_mask)))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        while data.ndim > 3:
+            data = data[..., 0]
+        mask = np.asarray(msk.dataobj) > 0
+        while mask.ndim > 3:
+            mask = mask[..., 0]
+        if data.shape != mask.shape or not np.allclose(img.affine, msk.affine, atol=1e-3):
+            return None  # the mask is not on this input's grid (input changed since scoring)
+        if not mask.any():
+            return None
+        idx = np.argwhere(mask)
+        margin = 8
+        box = tuple(slice(max(lo - margin, 0), hi + margin + 1)
+                    for lo, hi in zip(idx.min(0), idx.max(0)))
+        data, mask = data[box], mask[box]
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+        target = max(float(zooms.min()), spacing)
+        factors = zooms / target
+        if not np.allclose(factors, 1.0, atol=0.01):
+            data = ndimage.zoom(data, factors, order=1, grid_mode=True, mode="nearest")
+            mask = ndimage.zoom(mask.astype(np.uint8), factors, order=0, grid_mode=True,
+                                mode="nearest") > 0
+    except Exception:  # noqa: BLE001 - a QC figure is optional
+        return None
+    return data, mask, input_path

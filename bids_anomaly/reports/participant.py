@@ -40,6 +40,7 @@ from .loaders import (
     ScanRecord,
     crash_files,
     find_scans,
+    load_native_qc,
     load_volume,
     read_tsv,
     strip_prefix,
@@ -340,14 +341,25 @@ def _qc(output_dir: Path, rec: ScanRecord, level: _Level, pngs: dict[Path, bytes
                 if pre is not None:
                     break
         bm = load_volume(output_dir / outs.template_brain_mask)
-    # Brain mask contour.
+    # Brain mask contour: the native mask over the native input T1w (what brain extraction saw).
     png = given["mask_contour_png"]
-    if png is None and pre is not None and bm is not None and bm.shape == pre.shape:
-        png = figures.mask_contour(pre, bm, scale=level.qc_scale)
+    caption = "Brain mask (green outline), as given in the scan's QC record."
+    native = load_native_qc(output_dir, outs) if png is None else None
+    if native is not None:
+        image, native_mask, input_path = native
+        png = figures.mask_contour(image, native_mask, scale=level.qc_scale)
         pngs[figs_dir / f"{sid}_desc-brainmask_qc.png"] = png
+        caption = ("Brain mask (green outline) over the input T1w in its native space "
+                   f"({esc(input_path.name)}): the outline should follow the brain surface, "
+                   "without skull or dura inside and no cortex cut off.")
+    elif png is None and pre is not None and bm is not None and bm.shape == pre.shape:
+        png = figures.mask_contour(pre, bm, scale=level.qc_scale)
+        pngs[figs_dir / f"{sid}_space-{outs.space}_desc-brainmask_qc.png"] = png
+        caption = ("Brain mask (green outline) over the preprocessed image in template space "
+                   "(the native input T1w or its brain mask was not found).")
     if png is not None:
-        parts.append(_figure(png, "brain mask contour",
-                             "Brain mask (green outline) over the preprocessed image."))
+        parts.append(_figure(png, "brain mask contour", caption,
+                             data_testid=f"mask-qc-{'native' if native else 'other'}-{sid}"))
     else:
         parts.append('<p class="muted">Brain-mask QC not available.</p>')
     # Registration edges.
