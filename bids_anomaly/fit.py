@@ -19,6 +19,7 @@ from .config import PreprocConfig
 from .models.base import FitContext, get_model_class
 from .models.bundle import save_bundle
 from .preprocessing.pipeline import PreprocResult
+from .preprocessing.standardise import apply_standardisation, learn_standardisation
 from .scoring import ScoringParams
 from .templates import TEMPLATE_NAME, load_template
 from .training import format_eta
@@ -88,6 +89,12 @@ def fit_bundle(inputs: FitInputs, dest: Path,
     data = {}
     for js, subj, sid in zip(inputs.preproc_jsons, inputs.subjects, inputs.scan_ids):
         data[sid] = (subj, *load_volume(PreprocResult.load(Path(js)), inputs.contrasts))
+    # Stage 2 of the normalisation: learned on the fit participants only, applied to all.
+    std = learn_standardisation([v for s, v, _ in data.values() if s in fit_subj],
+                                [m for s, _, m in data.values() if s in fit_subj],
+                                inputs.contrasts)
+    for sid, (s, v, m) in data.items():  # one volume at a time: no second copy of the cohort
+        data[sid] = (s, apply_standardisation(v, m, std, inputs.contrasts), m)
     fit = [(v, m) for s, v, m in data.values() if s in fit_subj]
     held = [(v, m) for s, v, m in data.values() if s in held_subj]
     cls = get_model_class(inputs.model_type)
@@ -104,8 +111,11 @@ def fit_bundle(inputs: FitInputs, dest: Path,
     LOG.info("Fitting %s on %d scans (%d participants); %d held-out scans for calibration",
              inputs.model_type, len(fit), len(fit_subj), len(held))
     history = model.fit([v for v, _ in fit], [m for _, m in fit], ctx)
+    # Calibrate the model exactly as scoring will see it: rebuilt from its saved tensors.
+    model = _reloaded(model)
     calib = calibrate(model, [v for v, _ in held], [m for _, m in held], ScoringParams(),
-                      device=device, participants=held_subj)
+                      device=device, participants=held_subj,
+                      normative_volumes=[v for v, _ in fit], normative_masks=[m for _, m in fit])
     card = {
         "name": inputs.model_name,
         "description": f"{inputs.model_type} normative model of healthy brains "
@@ -115,8 +125,11 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         "space": TEMPLATE_NAME,
         "resolution": preproc.resolution,
         "preprocessing": preproc.to_dict(),
-        "normalisation": {"method": "per-volume: 0.5th percentile → 0, median → 0.7", "low": 0.5,
-                          "median_target": 0.7, "clip": 1.5},
+        "normalisation": {
+            "per_volume": {"method": "per-volume: 0.5th percentile → 0, median → 0.7",
+                           "low": 0.5, "median_target": 0.7, "clip": 1.5},
+            "standardisation": std.to_dict(),
+        },
         "training": {
             "dataset": inputs.dataset,
             "participants": fit_subj,
@@ -137,6 +150,13 @@ def fit_bundle(inputs: FitInputs, dest: Path,
     if held:
         extra.update(_example_reconstructions(model, held[0][0], held[0][1], device))
     return save_bundle(dest, model, card, calib, extra_files=extra)
+
+
+def _reloaded(model):
+    """A fresh instance of ``model`` loaded from copies of its state tensors."""
+    fresh = type(model)(model.contrasts, model.shape, model.hparams)
+    fresh.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    return fresh
 
 
 @contextmanager

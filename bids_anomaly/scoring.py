@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,8 +26,59 @@ class ScoringParams:
 
 
 @dataclass
+class NormativeMaps:
+    """Voxel-wise mean and standard deviation of the healthy signed residual, (C, X, Y, Z).
+
+    ``sd`` already includes its floor, so ``(residual - mean) / sd`` is the z-map."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+
+    def z(self, residual: np.ndarray) -> np.ndarray:
+        """Per-contrast z-map of a signed residual (C, X, Y, Z)."""
+        return (residual - self.mean) / self.sd
+
+
+def fit_normative(residuals: Iterable[tuple[np.ndarray, np.ndarray]], smooth_sigma: float = 1.0,
+                  sd_floor: float = 0.5) -> NormativeMaps:
+    """Voxel-wise statistics of healthy signed residuals ``(residual (C,X,Y,Z), brain mask)``.
+
+    Running sums (one scan in memory at a time); both maps are smoothed with a Gaussian of
+    ``smooth_sigma`` voxels, and the standard deviation is floored in quadrature by
+    ``sd_floor`` times its in-brain median, so a voxel that happened to vary little in a small
+    healthy cohort cannot turn noise into a huge z."""
+    total = total_sq = count = None
+    for res, mask in residuals:
+        m = mask.astype(np.float64)[None]
+        r = res.astype(np.float64) * m
+        if total is None:
+            total, total_sq, count = np.zeros_like(r), np.zeros_like(r), np.zeros(mask.shape)
+        total += r
+        total_sq += r * r
+        count += mask
+    if total is None:
+        raise ValueError("normative statistics need at least one healthy scan")
+    n = np.maximum(count, 1.0)[None]
+    mean = total / n
+    var = np.maximum(total_sq / n - mean**2, 0.0)
+    sd = np.sqrt(var)
+    if smooth_sigma > 0:
+        mean = np.stack([ndimage.gaussian_filter(c, smooth_sigma) for c in mean])
+        sd = np.stack([ndimage.gaussian_filter(c, smooth_sigma) for c in sd])
+    inside = count > 1
+    typical = np.array([np.median(c[inside]) if inside.any() else 1.0 for c in sd])
+    typical = np.maximum(typical, 1e-6)[:, None, None, None]
+    sd = np.where(inside[None], np.sqrt(sd**2 + (sd_floor * typical) ** 2), typical)
+    mean = np.where(inside[None], mean, 0.0)
+    return NormativeMaps(mean.astype(np.float32), sd.astype(np.float32))
+
+
+@dataclass
 class Calibration:
-    """Healthy reference, measured on held-out healthy participants the model never saw."""
+    """Healthy reference, measured on held-out healthy participants the model never saw.
+
+    ``normative`` (voxel-wise residual statistics) is stored beside the card in the bundle;
+    bundles without it standardise the model's raw residual by the pooled ``mu`` and ``sd``."""
 
     mu: float
     sd: float
@@ -35,17 +87,32 @@ class Calibration:
     healthy_scores: list[float]
     params: ScoringParams = field(default_factory=ScoringParams)
     participants: list[str] = field(default_factory=list)
+    normative: NormativeMaps | None = field(default=None, repr=False, compare=False)
+    normative_info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "normative"}
         d["params"] = self.params.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "normative"}
         d["params"] = ScoringParams(**d.get("params", {}))
         return cls(**d)
+
+
+def anomaly_map(model, volume: np.ndarray, brain: np.ndarray, normative: NormativeMaps | None,
+                device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Reconstruction and raw anomaly map (X, Y, Z).
+
+    With normative maps: the mean over contrasts of |z| of the signed residual
+    ``volume - reconstruction``; without (older bundles): the model's own residual."""
+    if normative is None:
+        return model.residual(volume, brain, device=device)
+    recon = model.reconstruct(volume, brain, device=device)
+    z = normative.z(volume - recon)
+    return recon, (np.abs(z).mean(axis=0) * brain).astype(np.float32)
 
 
 def postprocess(raw: np.ndarray, mask: np.ndarray, params: ScoringParams
@@ -153,7 +220,7 @@ class ScanResult:
 def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
                  affine: np.ndarray, device: str = "cpu") -> ScanResult:
     """Reconstruct, standardise, threshold and score one template-space volume."""
-    recon, raw = model.residual(volume, brain, device=device)
+    recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device)
     anomaly, eroded = postprocess(raw, brain, calib.params)
     statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
     thr = float(calib.thresholds[calib.default_fpr])

@@ -74,3 +74,67 @@ def test_flag_score_is_the_flag_percentile():
     thr = flag_score(healthy, 95.0)
     assert abs(percentile_among(thr, healthy) - 95.0) < 1e-6
     assert thr > max(healthy) - 0.5
+
+
+class _Mean:
+    """A stand-in model whose reconstruction is zero: the residual is the volume itself."""
+
+    contrasts = ["T1w"]
+
+    def reconstruct(self, volume, mask, device="cpu"):
+        return np.zeros_like(volume)
+
+
+def _noisy(rng, shape, sd_map):
+    return (rng.standard_normal(shape) * sd_map).astype(np.float32)[None]
+
+
+def test_normative_calibration_evens_out_noisy_regions_and_hits_nominal_fpr():
+    """Voxel-wise statistics: a region where healthy residuals vary 4x more must not hold
+    most false positives, and the thresholds keep their nominal rate on fresh healthy scans."""
+    rng = np.random.default_rng(1)
+    shape = (32, 32, 32)
+    mask = np.ones(shape, bool)
+    sd_map = np.ones(shape, np.float32)
+    sd_map[:8] = 4.0  # a quarter of the brain is noisy in every healthy scan
+    params = ScoringParams(erosion=0, median_size=1, min_cluster_voxels=1)
+    fit = [_noisy(rng, shape, sd_map) for _ in range(40)]
+    held = [_noisy(rng, shape, sd_map) for _ in range(3)]
+    cal = calibrate(_Mean(), held, [mask] * 3, params, normative_volumes=fit,
+                    normative_masks=[mask] * 40)
+    assert cal.normative is not None and cal.normative.mean.shape == (1, *shape)
+    assert cal.normative.sd[0, :8].mean() > 3 * cal.normative.sd[0, 8:].mean()
+    from bids_anomaly.scoring import anomaly_map
+
+    fresh = _noisy(rng, shape, sd_map)
+    _, stat = anomaly_map(_Mean(), fresh, mask, cal.normative)
+    for fpr, thr in cal.thresholds.items():
+        hits = stat > thr
+        assert float(fpr) / 2 <= hits.mean() <= float(fpr) * 2
+    hits = stat > cal.thresholds["0.01"]
+    # Raw residuals would put nearly every hit in the noisy quarter; the z-map spreads them
+    # (not evenly: the sd floor deliberately damps z where healthy residuals barely vary).
+    assert hits[:8].sum() < 0.7 * hits.sum()
+
+
+def test_normative_maps_travel_in_the_bundle(tmp_path):
+    from bids_anomaly.models.base import FitContext, get_model_class
+    from bids_anomaly.models.bundle import load_bundle, save_bundle
+
+    rng = np.random.default_rng(2)
+    shape = (12, 14, 10)
+    mask = np.zeros(shape, bool)
+    mask[2:10, 2:12, 2:8] = True
+    vols = [(rng.random((1, *shape)) * mask).astype(np.float32) for _ in range(4)]
+    model = get_model_class("zscore")(["T1w"], shape)
+    model.fit(vols[:3], [mask] * 3, FitContext())
+    params = ScoringParams(erosion=0, median_size=1, min_cluster_voxels=1)
+    cal = calibrate(model, vols[3:], [mask], params, normative_volumes=vols[:3],
+                    normative_masks=[mask] * 3)
+    card = {"name": "t", "template": "MNI152NLin2009aSym", "resolution": 2}
+    bundle = load_bundle(save_bundle(tmp_path / "b", model, card, cal))
+    got = bundle.calibration.normative
+    np.testing.assert_allclose(got.mean, cal.normative.mean, atol=2e-3, rtol=1e-2)
+    np.testing.assert_allclose(got.sd, cal.normative.sd, rtol=1e-2)
+    assert bundle.calibration.thresholds == cal.thresholds
+    assert bundle.calibration.normative_info["n_scans"] == 3

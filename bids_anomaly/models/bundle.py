@@ -16,12 +16,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BundleError
-from ..scoring import Calibration
+from ..scoring import Calibration, NormativeMaps
 from .base import AnomalyModel, get_model_class
 
 SCHEMA_VERSION = "1.0"
 WEIGHTS = "weights.safetensors"
+NORMATIVE = "normative.safetensors"
 CARD = "model.json"
 
 
@@ -78,6 +81,13 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         save_file(model.state_dict(), str(tmp / WEIGHTS))
+        if calibration.normative is not None:
+            from safetensors.numpy import save_file as save_arrays
+
+            # float16 halves the size; the maps are smooth and the z-map tolerates 1e-3.
+            save_arrays({"mean": calibration.normative.mean.astype(np.float16),
+                         "sd": calibration.normative.sd.astype(np.float16)},
+                        str(tmp / NORMATIVE))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -145,6 +155,23 @@ def load_bundle(path: Path) -> Bundle:
         model = cls(card["contrasts"], tuple(card["shape"]), card["hyperparameters"])
         state = load_file(str(path / WEIGHTS))
         model.load_state_dict(state)
+        calibration = Calibration.from_dict(card["calibration"])
+        if NORMATIVE in card["files"]:
+            calibration.normative = _load_normative(path / NORMATIVE, model)
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BundleError(f"model bundle {path} cannot be loaded: {exc}") from exc
-    return Bundle(path, model, card, Calibration.from_dict(card["calibration"]))
+    return Bundle(path, model, card, calibration)
+
+
+def _load_normative(path: Path, model: AnomalyModel) -> NormativeMaps:
+    from safetensors.numpy import load_file as load_arrays
+
+    arrays = load_arrays(str(path))
+    want = (len(model.contrasts), *model.shape)
+    maps = NormativeMaps(arrays["mean"].astype(np.float32), arrays["sd"].astype(np.float32))
+    for name, a in (("mean", maps.mean), ("sd", maps.sd)):
+        if a.shape != want:
+            raise ValueError(f"{path.name}: {name} has shape {a.shape}, the card needs {want}")
+    if not (maps.sd > 0).all():
+        raise ValueError(f"{path.name}: sd must be positive everywhere")
+    return maps

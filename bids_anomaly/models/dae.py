@@ -29,7 +29,7 @@ class DAEModel(SliceModel):
         **SLICE_DEFAULTS,
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
-        "noise_std": 0.2,
+        "noise_std": 0.5,  # 0.2 left lesions half-reconstructed (quality bench)
         "noise_scale": 8,
     }
 

@@ -65,9 +65,18 @@ def build_training_report(bundle_dir: Path) -> Path:
               table(["voxel FPR", "threshold (z)"],
                     [[k, f"{v:.3f}"] for k, v in calib.get("thresholds", {}).items()],
                     numeric={"threshold (z)"}),
-              f"<p>Default mask threshold: FPR {esc(calib.get('default_fpr'))}. Residual mean "
-              f"{calib.get('mu', float('nan')):.4g}, standard deviation "
-              f"{calib.get('sd', float('nan')):.4g}.</p>"]
+              f"<p>Default mask threshold: FPR {esc(calib.get('default_fpr'))}.</p>"]
+    norm = calib.get("normative_info") or {}
+    if norm:
+        parts += [f"<p>Statmap: {esc(norm.get('statmap'))}; voxel-wise residual mean and "
+                  f"standard deviation from the {esc(norm.get('n_scans'))} training scans "
+                  f"(smoothed {esc(norm.get('smooth_sigma_voxels'))} voxel, sd floored at "
+                  f"{esc(norm.get('sd_floor'))} × its median); thresholds and scores from the "
+                  "held-out scans only.</p>"]
+    else:
+        parts += [f"<p>Statmap: raw residual standardised by its pooled mean "
+                  f"{calib.get('mu', float('nan')):.4g} and standard deviation "
+                  f"{calib.get('sd', float('nan')):.4g}.</p>"]
     if calib.get("healthy_scores"):
         parts += ["<h3>Per-scan scores of the healthy calibration scans</h3>",
                   img(score_distribution(calib["healthy_scores"]), "healthy score distribution")]
