@@ -326,7 +326,9 @@ def evaluate_cmd(output_dirs, labels, out, verbose):
     """Voxel and scan-level metrics of one or more scored OUTPUT_DIRs against lesion masks.
 
     \b
-    Several OUTPUT_DIRs (one per model) are compared side by side.
+    Several OUTPUT_DIRs (one per model) are compared side by side. The tables go to --out
+    (default: the first OUTPUT_DIR); when that folder holds group_anomaly.tsv its
+    group_report.html is rebuilt with an Evaluation section.
     """
     from bids_anomaly.evaluation import evaluate_outputs, write_evaluation
 
@@ -335,6 +337,9 @@ def evaluate_cmd(output_dirs, labels, out, verbose):
     paths = write_evaluation(result, out or output_dirs[0])
     print_evaluation(result)
     console.print(f"Tables: {', '.join(str(p) for p in paths if p.suffix == '.tsv')}")
+    for p in paths:
+        if p.suffix == ".html":
+            console.print(f"Group report (with an Evaluation section): {p}")
 
 
 @main_group.command("demo", context_settings=CONTEXT)

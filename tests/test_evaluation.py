@@ -249,3 +249,46 @@ def test_write_evaluation(dataset: tuple[list[Path], Path], tmp_path: Path) -> N
     assert set(summary["Models"]) == {"goodmodel", "badmodel"}
     assert summary["Models"]["goodmodel"]["n_scans"] == 4
     assert len(summary["Skipped"]) == 2
+
+
+# ----------------------------------------------------------------------------- group report
+
+
+def test_group_report_evaluation_section(dataset: tuple[list[Path], Path]) -> None:
+    """The section appears once evaluate has written its tables, and not before/without."""
+    from bids_anomaly.reports import build_group_report
+    from bids_anomaly.reports.group import ORACLE_LABEL
+
+    outs, labels = dataset
+    out = outs[0]
+    before = build_group_report(out).read_text()
+    assert 'data-testid="evaluation"' not in before and ">Evaluation</h2>" not in before
+
+    # evaluate writes the tables into the first OUTPUT_DIR and rebuilds its group report.
+    written = write_evaluation(evaluate_outputs(outs, labels), out)
+    assert out / "group_report.html" in written
+    text = (out / "group_report.html").read_text()
+    assert 'data-testid="evaluation"' in text and ">Evaluation</h2>" in text
+    assert ORACLE_LABEL in text and "upper bound" in text
+    for needle in ("voxel AUROC", "voxel AUPRC", "Dice at calibrated FPR 1%",
+                   "Dice at calibrated FPR 0.1%", "scan-level AUROC", "pooled",
+                   'data-testid="evaluation-pooled"', 'data-testid="evaluation-scans-table"',
+                   'href="evaluation_scans.tsv"', "sub-04"):  # sub-04: listed as not evaluated
+        assert needle in text, needle
+    section = text[text.index('data-testid="evaluation"'):]
+    section = section[: section.index("</section>")]
+    # Both models side by side; goodmodel separates healthy from pathological scans.
+    assert "goodmodel" in section and "badmodel" in section
+    scan_auroc = section[section.index('data-testid="evaluation-scan-auroc"'):]
+    assert "<b>goodmodel</b> 1" in scan_auroc.split("</p>")[0]
+    assert section.count("<tr>") == 1 + 2 + 1 + 8  # pooled head + 2 models, scans head + 8
+    assert "https://" not in text and "http://" not in text  # offline: nothing fetched
+
+    # A group report built without the evaluation tables has no such section.
+    for name in ("evaluation_pooled.tsv", "evaluation_scans.tsv"):
+        (out / name).unlink()
+    again = build_group_report(out).read_text()
+    assert 'data-testid="evaluation"' not in again and ORACLE_LABEL not in again
+    # Writing the tables elsewhere (no group_anomaly.tsv there) writes no report.
+    assert not any(p.suffix == ".html" for p in write_evaluation(
+        evaluate_outputs(outs, labels), out.parent / "elsewhere"))
