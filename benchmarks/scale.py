@@ -6,15 +6,15 @@ A synthetic skull-free cohort (4 training participants + max(sizes) test partici
 generated, a zscore bundle trained once, then each size is scored by the CLI (a subprocess,
 fresh work and output folders, so nothing is cached). Per size: wall time, time per
 participant, peak RSS of the main process (VmHWM), peak summed RSS of all processes and
-the largest descendant's peak (resource.getrusage(RUSAGE_CHILDREN), a running maximum).
+the largest descendant's peak (the highest VmHWM of any worker seen by the sampler, per size:
+getrusage(RUSAGE_CHILDREN) would be a running maximum that includes the training run).
 Ratios against the smallest size should be ~1 for time per participant (linear cost) and
-for memory (flat memory).
+for memory (flat memory). Each size's row is printed as soon as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,20 +39,22 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 class Sampler(threading.Thread):
-    """Polls /proc: the main process's VmHWM and the summed VmRSS of the whole tree."""
+    """Polls /proc: the main process's VmHWM, the summed VmRSS of the whole tree and the
+    highest VmHWM of any descendant."""
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
-        self.main_hwm = self.tree_peak = 0
+        self.main_hwm = self.tree_peak = self.child_hwm = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
-            tree = _status_kb(self.pid, "VmRSS") + sum(
-                _status_kb(p, "VmRSS") for p in descendants(self.pid))
+            kids = descendants(self.pid)
+            tree = _status_kb(self.pid, "VmRSS") + sum(_status_kb(p, "VmRSS") for p in kids)
             self.tree_peak = max(self.tree_peak, tree)
+            self.child_hwm = max([self.child_hwm, *(_status_kb(p, "VmHWM") for p in kids)])
             self.stop.wait(self.every)
 
 
@@ -107,12 +109,13 @@ def main() -> None:
             wall = time.perf_counter() - t
             if p.returncode:
                 sys.exit(f"size {n} failed ({p.returncode}):\n{log[-3000:]}")
-            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
             rows.append({"participants": n, "wall_s": wall, "s_per_participant": wall / n,
                          "main_peak_mb": sampler.main_hwm / 1024.0,
                          "tree_peak_mb": sampler.tree_peak / 1024.0,
-                         "max_child_peak_mb": kids})
-            print(f"{n} participants: {wall:.0f} s", flush=True)
+                         "max_child_peak_mb": sampler.child_hwm / 1024.0})
+            print(f"{n} participants: {wall:.0f} s, {wall / n:.1f} s/participant, main peak "
+                  f"{rows[-1]['main_peak_mb']:.0f} MB, tree peak {rows[-1]['tree_peak_mb']:.0f} "
+                  f"MB, max child peak {rows[-1]['max_child_peak_mb']:.0f} MB", flush=True)
             if args.keep is None:
                 shutil.rmtree(work, ignore_errors=True)
         base = rows[0]

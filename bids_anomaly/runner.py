@@ -146,6 +146,10 @@ def precheck(scans: list[ScanInput]) -> tuple[list[ScanInput], dict[str, Failure
     """Cheap input checks before any workflow runs: bad scans are set aside with a reason."""
     good, bad = [], {}
     for scan in scans:
+        if scan.error:  # ambiguous inputs found by discovery
+            LOG.error("%s: %s", scan.key.scan_id, scan.error)
+            bad[scan.key.scan_id] = Failure(scan.key.scan_id, scan.error, ExitCode.DATA_ERROR)
+            continue
         try:
             for path in scan.files.values():
                 load_checked(path)
@@ -305,6 +309,9 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
     done, pfail = run_preprocessing(cfg, good, device)
     failed.update(pfail)
     wf = Workflow(name="score_wf", base_dir=str(cfg.work_dir))
+    from .models.bundle import CARD, sha256
+
+    card_sha = sha256(bundle.path / CARD)
     names = {}
     threads = cfg.resources.threads_per_node
     for scan in good:
@@ -314,7 +321,8 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
         score = Node(Score(), name=node_name("score", sid), n_procs=threads, mem_gb=1.0)
         score.inputs.preproc = str(done[sid])
         score.inputs.bundle = str(bundle.path.resolve())
-        score.inputs.bundle_sha256 = bundle.weights_sha256
+        # The card lists every file's sha256 and the calibration: any change re-scores.
+        score.inputs.bundle_sha256 = card_sha
         score.inputs.device = device
         score.inputs.threads = threads
         score.inputs.use_gpu = device.startswith("cuda")

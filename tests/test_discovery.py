@@ -47,6 +47,23 @@ def test_contrast_enhanced_is_not_a_plain_t1w(tiny_cohort, tmp_path):
     assert [s.t1w.name for s in scans] == ["sub-h01_ses-1_ce-gadolinium_T1w.nii.gz"]
 
 
+def test_two_t1w_for_one_scan_key_marks_that_scan_only(tiny_cohort, tmp_path):
+    """A rec- variant collides with the plain T1w (rec is not part of the scan key): the scan
+    carries an error naming both files instead of stopping discovery; the others are clean."""
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_cohort.root, root, ignore=shutil.ignore_patterns("derivatives"))
+    anat = root / "sub-h01" / "ses-1" / "anat"
+    src = anat / "sub-h01_ses-1_T1w.nii.gz"
+    dup = anat / "sub-h01_ses-1_rec-norm_T1w.nii.gz"
+    shutil.copy(src, dup)
+    scans = {s.key.scan_id: s for s in discover_scans(
+        root, SelectionConfig(participant_labels=("h01", "t01")))}
+    assert sorted(scans) == ["sub-h01_ses-1", "sub-h01_ses-2", "sub-t01_ses-1", "sub-t01_ses-2"]
+    err = scans["sub-h01_ses-1"].error
+    assert err and "more than one T1w image" in err and str(src) in err and str(dup) in err
+    assert all(s.error is None for sid, s in scans.items() if sid != "sub-h01_ses-1")
+
+
 def test_missing_extra_contrast_is_named(tiny_cohort):
     sel = SelectionConfig(participant_labels=("h01",), contrasts=("T1w", "FLAIR"))
     with pytest.raises(MissingInputError, match="FLAIR"):

@@ -78,6 +78,16 @@ def test_singular_affine(tmp_path):
         load_checked(path)
 
 
+def test_no_brain_in_mask_is_named():
+    from bids_anomaly.preprocessing.checks import check_brain
+
+    mask = np.zeros((48, 56, 48), bool)
+    mask[20:25, 20:25, 20:25] = True  # 125 voxels x 64 mm^3 = 8 mL
+    with pytest.raises(DataError, match="sub-x_T1w.nii.gz: brain extraction found 8 mL"):
+        check_brain(mask, (4.0, 4.0, 4.0), "sub-x_T1w.nii.gz")
+    check_brain(_ball(radius=22)[0], (4.0, 4.0, 4.0), "ok")  # ~2900 mL: accepted
+
+
 def test_truncated_and_not_nifti(tmp_path):
     good = _save(tmp_path, _head())
     trunc = tmp_path / "trunc_T1w.nii.gz"

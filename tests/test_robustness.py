@@ -81,12 +81,75 @@ def copy_bids(base, dest: Path) -> Path:
     return dest
 
 
+def _image_2d(good, path):
+    data = np.asarray(good.dataobj, dtype=np.float32)
+    nb.save(nb.Nifti1Image(data[:, :, data.shape[2] // 2], good.affine), path)
+
+
+def _huge_dimensions(good, path):
+    """A header that claims 600^3 voxels; refused from the header, before the data is read."""
+    hdr = nb.Nifti1Header()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape((600, 600, 600))
+    hdr.set_zooms((1.0, 1.0, 1.0))
+    hdr.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
+    hdr["vox_offset"] = 352
+    with gzip.open(path, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 4096)
+
+
+def _voxel_size(size):
+    """Voxel size ``size`` mm in pixdim and in the sform (0: a header nibabel cannot fix)."""
+    def make(good, path):
+        img = nb.Nifti1Image(np.asarray(good.dataobj, dtype=np.float32), None)
+        affine = np.diag([size, size, size, 1.0])
+        affine[:3, 3] = good.affine[:3, 3]
+        img.header.set_sform(affine, code=1)
+        img.header["pixdim"][1:4] = size
+        nb.save(img, path)
+    return make
+
+
+def _singular_affine(good, path):
+    img = nb.Nifti1Image(np.asarray(good.dataobj, dtype=np.float32), None)
+    img.header.set_zooms((4.0, 4.0, 4.0))
+    img.header.set_sform(np.array([[4, 0, 0, 0], [0, 4, 0, 0], [4, 0, 0, 0], [0, 0, 0, 1.0]]),
+                         code=2)
+    nb.save(img, path)
+
+
+def _all_zero(good, path):
+    nb.save(nb.Nifti1Image(np.zeros(good.shape, np.float32), good.affine), path)
+
+
+def _tiny_fov(good, path):
+    data = np.asarray(good.dataobj, dtype=np.float32)
+    c = [n // 2 for n in data.shape]
+    crop = data[c[0] - 6:c[0] + 6, c[1] - 6:c[1] + 6, c[2] - 6:c[2] + 6]  # 12^3 x 4 mm
+    nb.save(nb.Nifti1Image(crop, good.affine), path)
+
+
+# Participant label -> how its T1w is broken (from t01's good image).
+EXTRA_CASES = {
+    "x2d": _image_2d,
+    "xhuge": _huge_dimensions,
+    "xvoxzero": _voxel_size(0.0),
+    "xvoxtiny": _voxel_size(0.01),
+    "xvoxbig": _voxel_size(50.0),
+    "xsingular": _singular_affine,
+    "xzero": _all_zero,
+    "xfov": _tiny_fov,
+}
+
+
 @pytest.fixture(scope="module")
 def broken(base, tmp_path_factory):
     """One dataset with several bad participants next to a good one, scored in one run.
 
     t01: good. t02: truncated .nii.gz. h01: a text file named .nii.gz. h02: NaN voxels.
     h03: 4D T1w with three volumes. p01: good. h04 (no T1w, a T2w only) is tested apart.
+    Added participants (derived from t01's image), all refused by the cheap input checks or
+    by discovery, before any workflow runs: see ``EXTRA_CASES`` and ``xdup`` (two T1w).
     """
     root = tmp_path_factory.mktemp("broken")
     bids = copy_bids(base, root / "bids")
@@ -103,10 +166,17 @@ def broken(base, tmp_path_factory):
             bids / SCAN.format(s="h03"))
     for p in (bids / "sub-h04/anat").glob("*T1w*"):  # keep the subject, as a T2w only
         p.rename(p.with_name(p.name.replace("T1w", "T2w")))
+    good = nb.load(bids / SCAN.format(s="t01"))
+    for subject, make in EXTRA_CASES.items():
+        (bids / f"sub-{subject}/anat").mkdir(parents=True)
+        make(good, bids / SCAN.format(s=subject))
+    (bids / "sub-xdup/anat").mkdir(parents=True)
+    nb.save(good, bids / SCAN.format(s="xdup"))
+    nb.save(good, bids / "sub-xdup/anat/sub-xdup_T1w.nii")
     out, work = root / "out", root / "work"
     r = cli(bids, out, "participant", "--model", base["bundle"], "--participant-label",
-            "t01", "t02", "h01", "h02", "h03", "p01", "-w", work, "--nprocs", "2",
-            bids=bids)
+            "t01", "t02", "h01", "h02", "h03", "p01", "xdup", *EXTRA_CASES, "-w", work,
+            "--nprocs", "2", bids=bids)
     return {"bids": bids, "out": out, "work": work, "run": r, "root": root,
             "bundle": base["bundle"]}
 
@@ -116,6 +186,14 @@ BAD_CASES = {
     "h01": "not a readable NIfTI image",
     "h02": "NaN or infinite voxels",
     "h03": "expected a 3D image",
+    "x2d": "expected a 3D image",
+    "xhuge": "are too large",
+    "xvoxzero": "the image affine is singular",
+    "xvoxtiny": "implausible voxel size (0.01, 0.01, 0.01) mm",
+    "xvoxbig": "implausible voxel size (50.0, 50.0, 50.0) mm",
+    "xsingular": "affine is singular",
+    "xzero": "image is constant",
+    "xfov": "field of view (48.0, 48.0, 48.0) mm is too small",
 }
 
 
@@ -157,15 +235,23 @@ def test_participant_without_t1w_in_mixed_selection(broken, tmp_path):
     assert_no_partial_outputs(out)
 
 
-def test_two_t1w_for_one_scan_key(base, tmp_path):
-    bids = copy_bids(base, tmp_path / "bids")
-    src = bids / SCAN.format(s="t02")
-    nb.save(nb.load(src), bids / "sub-t02/anat/sub-t02_T1w.nii")
-    r = cli(bids, tmp_path / "out", "participant", "--model", base["bundle"],
-            "--participant-label", "t02", "-w", tmp_path / "w", bids=bids)
+def test_two_t1w_for_one_scan_key_fails_that_scan_only(broken):
+    """xdup has sub-xdup_T1w.nii and .nii.gz: that scan fails naming both, the others run.
+
+    (The input tree is checked unchanged by ``cli``; exit 65 and t01/p01 finishing are
+    asserted for the whole run above, here again for this case.)
+    """
+    r, out, bids = broken["run"], broken["out"], broken["bids"]
     assert r.returncode == 65, r.stdout + r.stderr
-    says(r, "more than one T1w image", "sub-t02_T1w.nii", "--bids-filter-file")
-    assert_no_partial_outputs(tmp_path / "out")
+    files = [bids / "sub-xdup/anat/sub-xdup_T1w.nii", bids / SCAN.format(s="xdup")]
+    says(r, "more than one T1w image matches sub-xdup", f"{files[0]}, {files[1]}",
+         "--bids-filter-file")
+    rec = json.loads((out / "sub-xdup/anat/sub-xdup_desc-anomaly_scores.json").read_text())
+    assert rec["status"] == "failed"
+    assert all(str(f) in rec["error"] for f in files), rec["error"]
+    assert not list((out / "sub-xdup").rglob("*.nii.gz"))
+    for s in ("t01", "p01"):
+        assert (out / STATMAP.format(s=s)).exists(), s
 
 
 def test_empty_dataset(base, tmp_path):

@@ -27,10 +27,15 @@ DEFAULT_QUERIES: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class ScanInput:
-    """One scan to process: its key and a file per contrast (T1w first)."""
+    """One scan to process: its key and a file per contrast (T1w first).
+
+    ``error`` is set when the scan's inputs cannot be chosen (two T1w images for one scan
+    key): the runner reports the scan as failed (exit 65) and processes the others.
+    """
 
     key: ScanKey
     files: dict[str, Path] = field(default_factory=dict)
+    error: str | None = None
 
     @property
     def t1w(self) -> Path:
@@ -125,7 +130,7 @@ def discover_scans(
     if selection.session_labels:
         base["session"] = [s.removeprefix("ses-") for s in selection.session_labels]
     t1_files = layout.get(**base, **_query("T1w", selection.bids_filters))
-    scans: dict[ScanKey, ScanInput] = {}
+    by_key: dict[ScanKey, list[Path]] = {}
     for f in sorted(t1_files, key=lambda f: f.path):
         ents = f.get_entities()
         key = ScanKey(
@@ -134,12 +139,15 @@ def discover_scans(
             run=str(ents["run"]) if ents.get("run") is not None else None,
             acquisition=ents.get("acquisition"),
         )
-        if key in scans:
-            raise DataError(
-                f"more than one T1w image matches {key.scan_id}: {scans[key].t1w} and {f.path}; "
-                "use --bids-filter-file to choose one"
-            )
-        scans[key] = ScanInput(key, {"T1w": Path(f.path)})
+        by_key.setdefault(key, []).append(Path(f.path))
+    scans: dict[ScanKey, ScanInput] = {}
+    for key, paths in by_key.items():
+        error = None
+        if len(paths) > 1:
+            # Only this scan fails (exit 65 at the end); the other scans still run.
+            error = (f"more than one T1w image matches {key.scan_id}: "
+                     f"{', '.join(map(str, paths))}; use --bids-filter-file to choose one")
+        scans[key] = ScanInput(key, {"T1w": paths[0]}, error)
     if not scans:
         raise EmptySelectionError(
             f"no T1w image in {bids_dir} matches the selection "
@@ -151,6 +159,8 @@ def discover_scans(
         if contrast == "T1w":
             continue
         for scan in scans.values():
+            if scan.error:
+                continue
             q = dict(base, subject=scan.key.subject)
             if scan.key.session:
                 q["session"] = scan.key.session

@@ -47,7 +47,7 @@ def load_checked(path: Path | str) -> nb.Nifti1Image:
         zooms > MAX_VOXEL_MM
     ):
         raise DataError(
-            f"{path}: implausible voxel size {tuple(np.round(zooms, 3))} mm "
+            f"{path}: implausible voxel size {tuple(np.round(zooms, 3).tolist())} mm "
             f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm)"
         )
     affine = img.affine
@@ -56,7 +56,8 @@ def load_checked(path: Path | str) -> nb.Nifti1Image:
     fov = np.asarray(shape) * np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if np.any(fov < MIN_FOV_MM):
         raise DataError(
-            f"{path}: field of view {tuple(np.round(fov, 1))} mm is too small for a whole brain"
+            f"{path}: field of view {tuple(np.round(fov, 1).tolist())} mm "
+            "is too small for a whole brain"
         )
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)

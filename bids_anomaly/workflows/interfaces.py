@@ -49,7 +49,7 @@ class Preprocess(SimpleInterface):
 class _ScoreInput(BaseInterfaceInputSpec):
     preproc = File(exists=True, mandatory=True)
     bundle = traits.Directory(exists=True, mandatory=True)
-    bundle_sha256 = traits.Str(desc="weights checksum, so a new bundle invalidates the cache")
+    bundle_sha256 = traits.Str(desc="model.json checksum, so a new bundle re-scores")
     device = traits.Str("cpu", usedefault=True)
     threads = traits.Int(1, usedefault=True)
     use_gpu = traits.Bool(False, usedefault=True, desc="tells nipype's GPU queue")
