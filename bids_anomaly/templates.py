@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -42,11 +45,17 @@ class Template:
         return img
 
 
-@functools.lru_cache(maxsize=4)
-def load_template(resolution: int = 2) -> Template:
-    """Load the template at 1 or 2 mm from nilearn's bundled files (no download)."""
-    if resolution not in RESOLUTIONS:
-        raise ValueError(f"template resolution must be one of {RESOLUTIONS}, got {resolution}")
+def _cache_file(resolution: int) -> Path:
+    """Where the arrays of a template are cached between processes (``BIDS_ANOMALY_CACHE``,
+    else a per-user folder in the temp dir), keyed by nilearn's version."""
+    from importlib.metadata import version
+
+    root = os.environ.get("BIDS_ANOMALY_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"bids-anomaly-cache-{os.getuid()}")
+    return Path(root) / f"mni152-nilearn{version('nilearn')}-res{resolution}.npz"
+
+
+def _from_nilearn(resolution: int) -> dict[str, np.ndarray]:
     from nilearn import datasets
 
     t1_img = datasets.load_mni152_template(resolution=resolution)
@@ -54,10 +63,43 @@ def load_template(resolution: int = 2) -> Template:
     gm_img = datasets.load_mni152_gm_template(resolution=resolution)
     wm_img = datasets.load_mni152_wm_template(resolution=resolution)
     mask = np.asarray(mask_img.dataobj) > 0.5
-    t1 = np.asarray(t1_img.dataobj, dtype=np.float32) * mask
-    gm = np.asarray(gm_img.dataobj, dtype=np.float32) * mask
-    wm = np.asarray(wm_img.dataobj, dtype=np.float32) * mask
-    for arr in (t1, gm, wm):
+    return {"affine": t1_img.affine.copy(),
+            "t1": np.asarray(t1_img.dataobj, dtype=np.float32) * mask, "mask": mask,
+            "gm": np.asarray(gm_img.dataobj, dtype=np.float32) * mask,
+            "wm": np.asarray(wm_img.dataobj, dtype=np.float32) * mask}
+
+
+def _cached_arrays(resolution: int) -> dict[str, np.ndarray]:
+    """The template arrays, from the cache when it is readable (importing nilearn and
+    resampling costs ~4 s per process), else from nilearn's package data; the cache is
+    written atomically and skipped silently where the folder is not writable."""
+    path = _cache_file(resolution)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("affine", "t1", "mask", "gm", "wm")}
+        if arrays["t1"].shape == arrays["mask"].shape:
+            return arrays
+    except (OSError, KeyError, ValueError):
+        pass
+    arrays = _from_nilearn(resolution)
+    try:
+        from .atomic import atomic_path
+
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+    except OSError:
+        pass
+    return arrays
+
+
+@functools.lru_cache(maxsize=4)
+def load_template(resolution: int = 2) -> Template:
+    """Load the template at 1 or 2 mm from nilearn's bundled files (no download)."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"template resolution must be one of {RESOLUTIONS}, got {resolution}")
+    a = _cached_arrays(resolution)
+    mask = a["mask"].astype(bool)
+    t1, gm, wm = (a[k].astype(np.float32) for k in ("t1", "gm", "wm"))
+    for arr in (t1, gm, wm, mask):
         arr.setflags(write=False)
-    mask.setflags(write=False)
-    return Template(TEMPLATE_NAME, resolution, t1_img.affine.copy(), t1, mask, gm, wm)
+    return Template(TEMPLATE_NAME, resolution, a["affine"].astype(np.float64), t1, mask, gm, wm)
