@@ -28,6 +28,7 @@ from .errors import (
     DataError,
     EmptySelectionError,
     ExitCode,
+    MissingInputError,
     TrainingError,
 )
 from .interrupt import remove_temp_files, stop_children
@@ -137,18 +138,18 @@ def setup_run(cfg: RunConfig) -> Path:
     return logs
 
 
-def discover(cfg: RunConfig) -> list[ScanInput]:
+def discover(cfg: RunConfig, needed_by: str = "--contrasts") -> list[ScanInput]:
     return discover_scans(cfg.bids_dir, cfg.selection, database_dir=cfg.work_dir / "bids_db",
-                          validate=not cfg.skip_bids_validation)
+                          validate=not cfg.skip_bids_validation, needed_by=needed_by)
 
 
 def precheck(scans: list[ScanInput]) -> tuple[list[ScanInput], dict[str, Failure]]:
     """Cheap input checks before any workflow runs: bad scans are set aside with a reason."""
     good, bad = [], {}
     for scan in scans:
-        if scan.error:  # ambiguous inputs found by discovery
-            LOG.error("%s: %s", scan.key.scan_id, scan.error)
-            bad[scan.key.scan_id] = Failure(scan.key.scan_id, scan.error, ExitCode.DATA_ERROR)
+        if scan.error:  # ambiguous (65) or missing (66) inputs found by discovery
+            LOG.error("%s", scan.error)  # every such message names the scan
+            bad[scan.key.scan_id] = Failure(scan.key.scan_id, scan.error, scan.error_code)
             continue
         try:
             for path in scan.files.values():
@@ -216,10 +217,13 @@ def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: st
                                    for f in failed.values()])
     ok = [s for s in good if s.key.scan_id in done]
     if len({s.key.subject for s in ok}) < 2:
-        raise EmptySelectionError(
-            f"training needs at least 2 healthy participants that preprocess cleanly; "
-            f"{len(ok)} scan(s) available"
-        )
+        msg = (f"training needs at least 2 healthy participants that preprocess cleanly; "
+               f"{len(ok)} scan(s) available")
+        if failed and all(f.code == ExitCode.MISSING_INPUT for f in failed.values()):
+            # Every set-aside scan lacks an input (e.g. a --contrasts image): exit 66.
+            raise MissingInputError(f"{msg}; {len(failed)} scan(s) lack an input "
+                                    "(see the errors above)")
+        raise EmptySelectionError(msg)
     threads = max(1, cfg.resources.nprocs if cfg.resources.omp_nthreads == 0
                   else cfg.resources.omp_nthreads)
     spec = {
@@ -290,7 +294,7 @@ def run_participant(cfg: RunConfig, model: str) -> RunSummary:
                                   if k in cfg.preproc.to_dict()})
     cfg = replace(cfg, preproc=pre,
                   selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
-    scans = discover(cfg)
+    scans = discover(cfg, needed_by="the model bundle's contrasts")
     places = _subject_places(cfg.output_dir, [s.key.subject for s in scans])
     # Temporaries of these participants are left only by a run that was killed (SIGKILL,
     # node loss): nothing else writes them, so they are removed before resuming.

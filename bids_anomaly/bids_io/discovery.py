@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import SelectionConfig
-from ..errors import DataError, EmptySelectionError, InvalidBidsError, MissingInputError
+from ..errors import (
+    DataError,
+    EmptySelectionError,
+    ExitCode,
+    InvalidBidsError,
+    MissingInputError,
+)
 from ..naming import ScanKey
 
 LOG = logging.getLogger("bids_anomaly")
@@ -29,13 +35,16 @@ DEFAULT_QUERIES: dict[str, dict] = {
 class ScanInput:
     """One scan to process: its key and a file per contrast (T1w first).
 
-    ``error`` is set when the scan's inputs cannot be chosen (two T1w images for one scan
-    key): the runner reports the scan as failed (exit 65) and processes the others.
+    ``error`` is set when the scan's inputs cannot be chosen, with ``error_code`` the exit
+    code it maps to: two images of one contrast for the scan key (65, ``DATA_ERROR``), or no
+    image of an extra contrast the model needs (66, ``MISSING_INPUT``). The runner reports
+    the scan as failed with that code and processes the others.
     """
 
     key: ScanKey
     files: dict[str, Path] = field(default_factory=dict)
     error: str | None = None
+    error_code: ExitCode = ExitCode.DATA_ERROR  # meaningful only when ``error`` is set
 
     @property
     def t1w(self) -> Path:
@@ -108,13 +117,25 @@ def _query(contrast: str, filters: dict) -> dict:
     return {k: (Query.NONE if v is None else v) for k, v in q.items()}
 
 
+def _ambiguous(contrast: str, scan_id: str, paths) -> str:
+    return (f"more than one {contrast} image matches {scan_id}: "
+            f"{', '.join(map(str, paths))}; use --bids-filter-file to choose one")
+
+
 def discover_scans(
     bids_dir: Path,
     selection: SelectionConfig,
     database_dir: Path | None = None,
     validate: bool = False,
+    needed_by: str = "--contrasts",
 ) -> list[ScanInput]:
-    """Find every scan matching ``selection``; raise 18 when filters select nothing."""
+    """Find every scan matching ``selection``; raise 18 when filters select nothing.
+
+    A scan whose inputs cannot be chosen (two images of one contrast, or no image of an
+    extra contrast in ``selection.contrasts``) is returned with ``error`` set, so that only
+    that scan fails. ``needed_by`` says where the contrasts come from, for that message
+    (``--contrasts``, or the model bundle's contrasts).
+    """
     check_bids_root(bids_dir)
     layout = _layout(bids_dir, database_dir, validate)
     all_subjects = sorted(layout.get_subjects())
@@ -142,12 +163,9 @@ def discover_scans(
         by_key.setdefault(key, []).append(Path(f.path))
     scans: dict[ScanKey, ScanInput] = {}
     for key, paths in by_key.items():
-        error = None
-        if len(paths) > 1:
-            # Only this scan fails (exit 65 at the end); the other scans still run.
-            error = (f"more than one T1w image matches {key.scan_id}: "
-                     f"{', '.join(map(str, paths))}; use --bids-filter-file to choose one")
-        scans[key] = ScanInput(key, {"T1w": paths[0]}, error)
+        # Only this scan fails (exit 65 at the end); the other scans still run.
+        error = _ambiguous("T1w", key.scan_id, paths) if len(paths) > 1 else None
+        scans[key] = ScanInput(key, {"T1w": paths[0]}, error, ExitCode.DATA_ERROR)
     if not scans:
         raise EmptySelectionError(
             f"no T1w image in {bids_dir} matches the selection "
@@ -158,22 +176,49 @@ def discover_scans(
     for contrast in selection.contrasts:
         if contrast == "T1w":
             continue
-        for scan in scans.values():
+        for key, scan in list(scans.items()):
             if scan.error:
                 continue
-            q = dict(base, subject=scan.key.subject)
-            if scan.key.session:
-                q["session"] = scan.key.session
-            found = layout.get(**q, **_query(contrast, selection.bids_filters))
-            if scan.key.run and len(found) > 1:
-                found = [f for f in found if str(f.get_entities().get("run")) == scan.key.run]
-            if not found:
-                raise MissingInputError(
-                    f"{scan.key.scan_id}: no {contrast} image found, but the model needs "
-                    f"{', '.join(selection.contrasts)}"
-                )
-            scan.files[contrast] = Path(sorted(f.path for f in found)[0])
+            error, code = _extra_contrast(layout, base, scan, contrast, selection, bids_dir,
+                                          needed_by)
+            if error:  # only this scan fails (exit 65/66 at the end)
+                scans[key] = replace(scan, error=error, error_code=code)
     return [scans[k] for k in sorted(scans, key=lambda k: k.scan_id)]
+
+
+def _extra_contrast(layout, base: dict, scan: ScanInput, contrast: str,
+                    selection: SelectionConfig, bids_dir: Path, needed_by: str
+                    ) -> tuple[str | None, ExitCode]:
+    """Add the ``contrast`` image of ``scan`` to its files; else say why not, with a code."""
+    key = scan.key
+    q = dict(base, subject=key.subject)
+    where = bids_dir / f"sub-{key.subject}"
+    if key.session:
+        q["session"] = key.session
+        where = where / f"ses-{key.session}"
+    found = sorted(layout.get(**q, **_query(contrast, selection.bids_filters)),
+                   key=lambda f: f.path)
+    others = []
+    if key.run and len(found) > 1:
+        others = [f for f in found if str(f.get_entities().get("run")) != key.run]
+        found = [f for f in found if str(f.get_entities().get("run")) == key.run]
+    if key.acquisition and len(found) > 1:
+        # acq- labels often differ between contrasts: narrow only when the T1w's matches.
+        same = [f for f in found if f.get_entities().get("acquisition") == key.acquisition]
+        found = same or found
+    if not found:
+        msg = (f"{key.scan_id}: no {contrast} image matches the selection in {where} "
+               f"(needed by {needed_by} {', '.join(selection.contrasts)})")
+        if others:
+            msg += (f"; none has the T1w's run-{key.run}: "
+                    f"{', '.join(f.path for f in others)}")
+        if selection.bids_filters.get(contrast):
+            msg += f"; --bids-filter-file for {contrast}: {selection.bids_filters[contrast]}"
+        return msg, ExitCode.MISSING_INPUT
+    if len(found) > 1:
+        return _ambiguous(contrast, key.scan_id, [f.path for f in found]), ExitCode.DATA_ERROR
+    scan.files[contrast] = Path(found[0].path)
+    return None, ExitCode.OK
 
 
 def read_participants(bids_dir: Path) -> pd.DataFrame | None:
