@@ -50,12 +50,15 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
-            kids = descendants(self.pid)
-            tree = _status_kb(self.pid, "VmRSS") + sum(_status_kb(p, "VmRSS") for p in kids)
-            self.tree_peak = max(self.tree_peak, tree)
-            self.child_hwm = max([self.child_hwm, *(_status_kb(p, "VmHWM") for p in kids)])
+            self.sample(descendants(self.pid))
             self.stop.wait(self.every)
+
+    def sample(self, kids: list[int]) -> None:
+        """One poll of the main process and its descendants ``kids``."""
+        self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
+        tree = _status_kb(self.pid, "VmRSS") + sum(_status_kb(p, "VmRSS") for p in kids)
+        self.tree_peak = max(self.tree_peak, tree)
+        self.child_hwm = max([self.child_hwm, *(_status_kb(p, "VmHWM") for p in kids)])
 
 
 def cli(*args: object) -> list[str]:

@@ -41,70 +41,51 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from _common import DATA, print_table
-from scale import Sampler, _status_kb
-
-from bids_anomaly.interrupt import descendants
+from scale import Sampler
 
 DEFAULT_BUNDLE = Path("/tmp/bids-anomaly-quality/train/models/dae")
 PRE_STAGES = ["load", "brain_mask", "n4", "registration", "resample_normalise"]
 SCORE_STAGES = ["load", "inference", "native_and_write"]
 
 
-def _cpu_s(pid: int) -> float:
-    """utime + stime of a live process, in seconds (0 if it is gone)."""
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (empty if the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             stat = fh.read()
     except OSError:
-        return 0.0
-    fields = stat[stat.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return []
+    return stat[stat.rfind(")") + 2:].split()
 
 
 class CpuSampler(Sampler):
     """:class:`scale.Sampler` plus the CPU seconds of the whole process tree.
 
-    Each process's last sampled CPU time is kept (a process that ends loses at most one
-    sampling period), so ``cpu_s()`` is the tree's CPU use, a figure that a loaded machine
-    distorts far less than wall time.
+    Each process's last sampled CPU time (utime + stime) is kept under (pid, start time), so
+    a process that ends loses at most one sampling period, and ``cpu_s()`` is the tree's CPU
+    use, a figure that a loaded machine distorts far less than wall time.
     """
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(pid, every)
-        self.seen: dict[tuple[int, float], float] = {}
+        self.seen: dict[tuple[int, str], float] = {}
 
-    def run(self) -> None:
-        start = {}
-        while not self.stop.is_set():
-            self.main_hwm = max(self.main_hwm, _status_kb(self.pid, "VmHWM"))
-            pids = [self.pid, *descendants(self.pid)]
-            self.tree_peak = max(self.tree_peak, sum(_status_kb(p, "VmRSS") for p in pids))
-            for p in pids:
-                start.setdefault(p, _start_time(p))
-                self.seen[(p, start[p])] = _cpu_s(p)
-            self.stop.wait(self.every)
+    def sample(self, kids: list[int]) -> None:
+        super().sample(kids)
+        tick = os.sysconf("SC_CLK_TCK")
+        for p in (self.pid, *kids):
+            f = _stat_fields(p)
+            if len(f) > 19:
+                self.seen[(p, f[19])] = (int(f[11]) + int(f[12])) / tick
 
     def cpu_s(self) -> float:
         return sum(self.seen.values())
 
 
-def _start_time(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return float(stat[stat.rfind(")") + 2:].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def synth_dataset(root: Path, n: int, seed: int) -> tuple[Path, list[str]]:

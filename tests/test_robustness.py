@@ -328,14 +328,18 @@ def _bundle_copy(base, tmp_path) -> Path:
     return dest
 
 
+def _score_with(bundle: Path, base, tmp_path):
+    return cli(base["bids"], tmp_path / "out", "participant", "--model", bundle,
+               "--participant-label", "t01", "-w", tmp_path / "w", bids=base["bids"])
+
+
 def test_bundle_wrong_checksum(base, tmp_path):
     b = _bundle_copy(base, tmp_path)
     w = b / "weights.safetensors"
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
     w.write_bytes(bytes(data))
-    r = cli(base["bids"], tmp_path / "out", "participant", "--model", b,
-            "--participant-label", "t01", "-w", tmp_path / "w", bids=base["bids"])
+    r = _score_with(b, base, tmp_path)
     assert r.returncode == 65, r.stdout + r.stderr
     says(r, "checksum of weights.safetensors does not match")
 
@@ -343,8 +347,7 @@ def test_bundle_wrong_checksum(base, tmp_path):
 def test_bundle_missing_weights(base, tmp_path):
     b = _bundle_copy(base, tmp_path)
     (b / "weights.safetensors").unlink()
-    r = cli(base["bids"], tmp_path / "out", "participant", "--model", b,
-            "--participant-label", "t01", "-w", tmp_path / "w", bids=base["bids"])
+    r = _score_with(b, base, tmp_path)
     assert r.returncode == 65, r.stdout + r.stderr
     says(r, "weights.safetensors is missing")
 
@@ -354,8 +357,7 @@ def test_bundle_wrong_contrasts(base, tmp_path):
     card = json.loads((b / "model.json").read_text())
     card["contrasts"] = ["T1w", "FLAIR"]
     (b / "model.json").write_text(json.dumps(card))
-    r = cli(base["bids"], tmp_path / "out", "participant", "--model", b,
-            "--participant-label", "t01", "-w", tmp_path / "w", bids=base["bids"])
+    r = _score_with(b, base, tmp_path)
     assert r.returncode == 65, r.stdout + r.stderr
     says(r, str(b), "contrasts ['T1w', 'FLAIR']")
     assert not (tmp_path / "out" / "sub-t01").exists()
