@@ -1,12 +1,13 @@
-"""Building and running the nipype workflows; mapping crashes back to scans."""
+"""Building and running the nipype workflows; each node's outcome, found by its exact name."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nipype import Node, Workflow
@@ -26,8 +27,19 @@ _ERROR_CODES = {
 }
 
 
+_NODE_SAFE = re.compile(r"[^0-9A-Za-z_-]")
+
+
 def node_name(prefix: str, scan_id: str) -> str:
-    return f"{prefix}_{re.sub(r'[^0-9a-zA-Z]', '', scan_id)}"
+    """``<prefix>_<scan id>``: one name per scan id (nipype allows only ``[A-Za-z0-9_-]``).
+
+    A scan id with other characters is cleaned and gets a short hash of the original, so two
+    ids never share a node (and its work directory).
+    """
+    safe = _NODE_SAFE.sub("_", scan_id)
+    if safe != scan_id:
+        safe += "_" + hashlib.sha256(scan_id.encode()).hexdigest()[:10]
+    return f"{prefix}_{safe}"
 
 
 @dataclass
@@ -40,8 +52,53 @@ class Failure:
     crash_file: str | None = None
 
 
+_EVENT_STATES = {"start": "started", "exception": "failed", "end": "finished"}
+
+
+class NodeEvents:
+    """nipype's ``status_callback``: what happened to each node (by full name) in one run.
+
+    States: ``started``, ``finished`` (ran, or was cached: MultiProc says "end" without
+    "start" then), ``failed`` (final, even when nipype says "end" afterwards) and ``skipped``
+    (downstream of a failed node; the Linear plugin reports those as "end").
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+
+    def __call__(self, node: Node, status: str) -> None:
+        if self.states.get(node.fullname) != "failed" and status in _EVENT_STATES:
+            self.states[node.fullname] = _EVENT_STATES[status]
+
+    def mark_skipped(self, wf: Workflow) -> None:
+        """Nodes downstream of a failed node did not run, whatever the plugin said."""
+        import networkx as nx
+
+        graph = wf._graph  # noqa: SLF001 - the workflow's own node graph
+        full = {node: f"{wf.name}.{node.name}" for node in graph.nodes}
+        for node in graph.nodes:
+            if self.states.get(full[node]) == "failed":
+                for dep in nx.descendants(graph, node):
+                    if self.states.get(full[dep]) != "failed":
+                        self.states[full[dep]] = "skipped"
+
+
+@dataclass
+class WorkflowRun:
+    """What one run of a workflow left: node states, this run's crash files, nipype's error."""
+
+    wf: Workflow
+    started: float
+    states: dict[str, str] | None  # None: the plugin does not report nodes (Graph plugins)
+    crashes: dict[str, Path] = field(default_factory=dict)  # node full name -> crash file
+    error: str | None = None  # nipype's own exception, one line
+
+    def fullname(self, node: Node) -> str:
+        return f"{self.wf.name}.{node.name}"
+
+
 def configure(wf: Workflow, crash_dir: Path) -> None:
-    crash_dir.mkdir(parents=True, exist_ok=True)
+    """Execution settings; nipype creates ``crash_dir`` when a node first crashes."""
     wf.config["execution"].update({
         "crashdump_dir": str(crash_dir),
         "crashfile_format": "txt",
@@ -66,8 +123,7 @@ def plugin_args(resources: ResourceConfig) -> tuple[str, dict]:
     return resources.plugin, args
 
 
-def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> list[Path]:
-    """Run ``wf``; return the crash files it wrote (empty when everything finished)."""
+def _setup_logging(wf: Workflow) -> None:
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
@@ -83,46 +139,173 @@ def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> li
                                  ("workflow_level", "interface_level", "utils_level"))
         + "[execution]\npoll_sleep_duration = 0.01\n[monitoring]\nenabled = false\n")
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+
+
+def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> WorkflowRun:
+    """Run ``wf`` and return what each node did; never raises for a node's failure.
+
+    ``crash_dir`` must belong to this run alone (the runner gives each process its own
+    ``logs/run-<stamp>-<pid>/``): only crash files written there during the run are read.
+    """
+    _setup_logging(wf)
     configure(wf, crash_dir)
     before = set(crash_dir.glob("crash-*"))
-    t0 = time.time()
     plugin, args = plugin_args(resources)
-    error = None
+    if plugin in ("SLURM", "SGE", "PBS"):
+        # Batch plugins ask the scheduler (squeue/qstat) about each pending job at every poll:
+        # every 2 s (nipype's default), not 100 times a second. nipype's SLURM plugin names
+        # its jobs after LOGNAME, unset in some containers and batch environments.
+        wf.config["execution"]["poll_sleep_duration"] = 2.0
+        os.environ.setdefault("LOGNAME", os.environ.get("USER") or str(os.getuid()))
+    events = None
+    if not plugin.endswith("Graph"):  # Graph plugins submit jobs and report nothing back
+        events = NodeEvents()
+        args["status_callback"] = events
+    run = WorkflowRun(wf, time.time(), None if events is None else events.states)
     try:
         wf.run(plugin=plugin, plugin_args=args)
     except Exception as exc:  # nipype re-raises a node's error after finishing the others
-        error = exc
-    crashes = [p for p in crash_dir.glob("crash-*")
-               if p not in before and p.stat().st_mtime >= t0 - 1]
-    if error is not None and not crashes:
-        raise error
-    return sorted(crashes)
+        run.error = error_line(exc)
+        LOG.debug("nipype raised: %s", exc)
+    if events is not None:
+        events.mark_skipped(wf)
+    for path in sorted(set(crash_dir.glob("crash-*")) - before):
+        node = crash_node(path)
+        if node:
+            run.crashes[node] = path
+    return run
+
+
+def error_line(exc: BaseException) -> str:
+    """nipype's exception on one line: the innermost ``Error: message`` of its traceback."""
+    for err in (exc, exc.__cause__):
+        if err is not None:
+            msg, _ = parse_traceback(str(err), default="")
+            if msg:
+                return msg
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def parse_traceback(text: str, default: str = "unknown error (see crash file)"
+                    ) -> tuple[str, ExitCode]:
+    """(one-line error message, exit code) from a Python traceback."""
+    match = re.findall(r"bids_anomaly\.errors\.(\w+): (.+)", text)
+    if match:
+        cls, msg = match[-1]
+        return msg.strip(), _ERROR_CODES.get(cls, ExitCode.FAILURE)
+    pattern = re.compile(r"\s*\w+(\.\w+)*(Error|Exception)")
+    lines = [ln.strip() for ln in text.splitlines() if pattern.match(ln)]
+    return (lines[-1] if lines else default), ExitCode.FAILURE
+
+
+def crash_node(path: Path) -> str:
+    """The full node name (``wf.node``) on a text crash file's ``Node:`` line, or ''."""
+    try:
+        with open(path, errors="replace") as fh:
+            first = fh.readline()
+    except OSError:
+        return ""
+    match = re.match(r"Node: (\S+)", first)
+    return match.group(1) if match else ""
 
 
 def parse_crash(path: Path) -> tuple[str, str, ExitCode]:
     """(node name, one-line error message, exit code) from a nipype text crash file."""
     text = path.read_text(errors="replace")
     node = re.search(r"^Node: (\S+)", text, re.M)
-    match = re.findall(r"bids_anomaly\.errors\.(\w+): (.+)", text)
-    if match:
-        cls, msg = match[-1]
-        return (node.group(1) if node else "", msg.strip(), _ERROR_CODES.get(cls, ExitCode.FAILURE))
-    pattern = re.compile(r"\s*\w+(\.\w+)*(Error|Exception)")
-    lines = [ln.strip() for ln in text.splitlines() if pattern.match(ln)]
-    msg = lines[-1] if lines else "unknown error (see crash file)"
-    return (node.group(1) if node else "", msg, ExitCode.FAILURE)
+    msg, code = parse_traceback(text)
+    return (node.group(1) if node else "", msg, code)
 
 
-def failures_from_crashes(crashes: list[Path], names: dict[str, str]) -> dict[str, Failure]:
-    """Map crash files to scans through ``names`` (node-name fragment → scan id)."""
-    out: dict[str, Failure] = {}
-    for crash in crashes:
-        node, msg, code = parse_crash(crash)
-        for fragment, scan_id in names.items():
-            if node.endswith(fragment) or f".{fragment}" in node or fragment in crash.name:
-                out[scan_id] = Failure(scan_id, msg, code, str(crash))
+def result_path(wf: Workflow, node: Node) -> Path:
+    """nipype's result file of ``node`` (written for finished and failed nodes alike)."""
+    return Path(wf.base_dir) / wf.name / node.name / f"result_{node.name}.pklz"
+
+
+class ResultError(Exception):
+    """A node's result file is missing or cannot be read (the message says which and why)."""
+
+
+def load_result(wf: Workflow, node: Node):
+    """The node's ``InterfaceResult``; :class:`ResultError` naming the file and the cause."""
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    res = result_path(wf, node)
+    if not res.exists():
+        raise ResultError(f"{node.name}: no result file {res}")
+    try:
+        return load_resultfile(str(res))
+    except Exception as exc:  # noqa: BLE001 - any cause is reported, with its type
+        raise ResultError(f"{node.name}: cannot read result file {res} "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def node_failure(run: WorkflowRun, node: Node, scan_id: str
+                 ) -> tuple[object | None, Failure | None]:
+    """(``InterfaceResult``, None) when ``node`` finished in ``run``, else (None, Failure).
+
+    A node is matched to its crash file and its result by its exact full name, never by a
+    part of it.
+    """
+    full = run.fullname(node)
+    crash = run.crashes.get(full)
+    if crash is not None:
+        _, msg, code = parse_crash(crash)
+        return None, Failure(scan_id, msg, code, str(crash))
+    state = None if run.states is None else run.states.get(full)
+    if run.states is not None and state != "finished":
+        return None, _unfinished(run, node, scan_id, state)
+    try:
+        result = load_result(run.wf, node)
+    except ResultError as exc:
+        return None, Failure(scan_id, str(exc))
+    tb = getattr(getattr(result, "runtime", None), "traceback", None)
+    if tb:
+        msg, code = parse_traceback(str(tb))
+        return None, Failure(scan_id, msg, code)
+    return result, None
+
+
+def _unfinished(run: WorkflowRun, node: Node, scan_id: str, state: str | None) -> Failure:
+    """Why a node that did not finish failed, without a crash file of its own."""
+    res = result_path(run.wf, node)
+    if state == "failed" and res.exists() and res.stat().st_mtime >= run.started - 0.05:
+        try:
+            tb = getattr(load_result(run.wf, node).runtime, "traceback", None)
+        except ResultError as exc:
+            return Failure(scan_id, str(exc))
+        if tb:
+            msg, code = parse_traceback(str(tb))
+            return Failure(scan_id, msg, code)
+    what = {"failed": "failed", "skipped": "did not run (a step before it failed)"}.get(
+        state or "", "did not finish")
+    why = run.error or "no crash file; see the run's log"
+    return Failure(scan_id, f"{node.name} {what}: {why}")
+
+
+def scan_outcomes(run: WorkflowRun, nodes: dict[str, list[Node]]
+                  ) -> tuple[dict[str, object], dict[str, Failure]]:
+    """Per scan id: the result of its last node when all its nodes finished, else the first
+    failure along its chain of ``nodes`` (in execution order)."""
+    done: dict[str, object] = {}
+    failed: dict[str, Failure] = {}
+    for scan_id, chain in nodes.items():
+        result = None
+        for node in chain:
+            result, failure = node_failure(run, node, scan_id)
+            if failure is not None:
+                failed[scan_id] = failure
                 break
-    return out
+        else:
+            done[scan_id] = result
+    return done, failed
+
+
+def result_output(result, output: str) -> Path | None:
+    """One output file of a finished node's result (None when it has no such output)."""
+    value = getattr(result.outputs, output, None) if result.outputs else None
+    return Path(value) if value else None
 
 
 def preprocessing_workflow(scans: list[ScanInput], preproc: PreprocConfig, work_dir: Path,
@@ -142,18 +325,3 @@ def preprocessing_workflow(scans: list[ScanInput], preproc: PreprocConfig, work_
         wf.add_nodes([node])
         nodes[scan.key.scan_id] = node
     return wf, nodes
-
-
-def node_result_file(wf: Workflow, node: Node, output: str) -> Path | None:
-    """The output file of a finished node, read from its result in the work directory."""
-    from nipype.pipeline.engine.utils import load_resultfile
-
-    res = Path(wf.base_dir) / wf.name / node.name / f"result_{node.name}.pklz"
-    if not res.exists():
-        return None
-    try:
-        result = load_resultfile(str(res))
-    except Exception:
-        return None
-    value = getattr(result.outputs, output, None) if result.outputs else None
-    return Path(value) if value else None
