@@ -94,7 +94,7 @@ def preprocess_scan(
     t = time.perf_counter()
     mask, method = brain_mask_for(t1, config.brain_extraction, device=device)
     zooms = t1.header.get_zooms()[:3]
-    check_brain(mask, zooms, files["T1w"])
+    check_brain(mask, zooms, files["T1w"], data=data)  # a brain, and in the image
     native_mask = _save(mask, affine, out_dir / "native_brain_mask.nii.gz", np.uint8)
     timings["brain_mask"] = time.perf_counter() - t
 
