@@ -3,6 +3,10 @@
 Seeded per epoch (so a resumed run repeats an uninterrupted one), early stopping on the
 validation loss, a checkpoint after every epoch, AMP and pinned memory on CUDA.
 
+A checkpoint carries the run's fingerprint (model, network, hyper-parameters, seed and a digest
+of the training and validation tensors); ``resume`` refuses one whose fingerprint differs.
+Deterministic algorithms are on while ``fit`` runs, and the previous setting is restored.
+
 Each training batch is augmented on the device (:mod:`.augment`: flips, shifts, intensity and
 gamma, bias field, small affine) with draws from the per-epoch generator.
 
@@ -13,22 +17,30 @@ forward returns a tuple ``(recon, *extras)`` is scored on ``recon`` when no ``lo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
+import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .augment import augment_batch, flip_shift
+from .errors import DataError
 from .models.base import FitContext
 
 LOG = logging.getLogger("bids_anomaly")
 
 LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Hyper-parameters that only decide when training stops: a resumed run may change them.
+STOPPING_HPARAMS = ("max_minutes", "patience")
 
 
 def resolve_device(device: str) -> str:
@@ -72,13 +84,75 @@ def masked_loss(out, clean: torch.Tensor, mask: torch.Tensor,
     return F.mse_loss(out.float() * mask, clean * mask)
 
 
+@contextmanager
+def deterministic_algorithms(warn_only: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` for the block; the previous mode after it."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (None counts as absent)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none;")
+            continue
+        arr = t.detach().cpu().contiguous().numpy()
+        h.update(f"{arr.dtype}{list(arr.shape)};".encode())
+        h.update(arr.reshape(-1).view("uint8"))
+    return h.hexdigest()
+
+
+def run_fingerprint(net: torch.nn.Module, hparams: dict, model: str | None, seed: int,
+                    train: tuple, val: tuple) -> dict:
+    """What identifies a training run: a checkpoint resumes only the run it was written by."""
+    hp = {k: v for k, v in hparams.items() if k not in STOPPING_HPARAMS}
+    return {
+        "model": model or "",
+        "network": f"{type(net).__module__}.{type(net).__qualname__}",
+        "parameters": {k: list(v.shape) for k, v in net.state_dict().items()},
+        "hyperparameters": json.loads(json.dumps(hp, sort_keys=True, default=str)),
+        "seed": int(seed),
+        "training_data": tensor_digest(*train),
+        "validation_data": tensor_digest(*val),
+    }
+
+
+def fingerprint_differences(saved: dict | None, current: dict) -> list[str]:
+    """What differs between a checkpoint's fingerprint and this run's, in words."""
+    if saved is None:
+        return ["it has no fingerprint (written by an older bids-anomaly)"]
+    out = []
+    for key in ("model", "network", "seed"):
+        if saved.get(key) != current[key]:
+            out.append(f"{key} {saved.get(key)!r} (now {current[key]!r})")
+    if saved.get("parameters") != current["parameters"]:
+        out.append("network layers or their shapes")
+    old, new = saved.get("hyperparameters") or {}, current["hyperparameters"]
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            out.append(f"hyper-parameter {k} {old.get(k)!r} (now {new.get(k)!r})")
+    for key in ("training_data", "validation_data"):
+        if saved.get(key) != current[key]:
+            out.append(key.replace("_", " ") + " (another data split or preprocessing)")
+    return out
+
+
 class TorchTrainer:
     """Fits ``net`` to map ``make_input(clean)`` back to ``clean`` (masked MSE or ``loss_fn``)."""
 
-    def __init__(self, net: torch.nn.Module, hparams: dict, ctx: FitContext):
+    def __init__(self, net: torch.nn.Module, hparams: dict, ctx: FitContext,
+                 model: str | None = None):
         self.net = net
         self.hp = hparams
         self.ctx = ctx
+        self.model = model  # the model type, for the checkpoint's fingerprint
 
     def _save(self, state: dict) -> None:
         if not self.ctx.checkpoint:
@@ -98,13 +172,36 @@ class TorchTrainer:
         make_input: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
         loss_fn: LossFn | None = None,
     ) -> dict:
+        """Train (or resume ``ctx.checkpoint``); the best epoch's weights end up in ``net``."""
+        with deterministic_algorithms():
+            return self._fit(x, m, xv, mv, make_input, loss_fn)
+
+    def _load_checkpoint(self, device: str, fingerprint: dict) -> dict:
+        """The checkpoint's state; DataError if it cannot be read or is from another run."""
+        path = self.ctx.checkpoint
+        advice = "drop --resume to train from scratch, or delete the checkpoint"
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise DataError(f"cannot resume from checkpoint {path}: unreadable ({exc}); "
+                            f"{advice}") from exc
+        saved = state.get("fingerprint") if isinstance(state, dict) else None
+        diffs = fingerprint_differences(saved, fingerprint)
+        if diffs:
+            raise DataError(f"cannot resume from checkpoint {path}: it is from another training "
+                            f"run; differs in: {'; '.join(diffs)}; {advice}")
+        return state
+
+    def _fit(self, x: torch.Tensor, m: torch.Tensor, xv: torch.Tensor | None,
+             mv: torch.Tensor | None, make_input: Callable, loss_fn: LossFn | None) -> dict:
         ctx, hp = self.ctx, self.hp
         device = resolve_device(ctx.device)
         cuda = device.startswith("cuda")
         if not cuda:
             torch.set_num_threads(max(1, ctx.threads))
         torch.manual_seed(ctx.seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        fingerprint = (run_fingerprint(self.net, hp, self.model, ctx.seed, (x, m), (xv, mv))
+                       if ctx.checkpoint else None)
         net = self.net.to(device)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"])
         epochs = int(hp["epochs"])
@@ -116,7 +213,7 @@ class TorchTrainer:
         best = (math.inf, None, -1)
         start_epoch = 0
         if ctx.resume and ctx.checkpoint and Path(ctx.checkpoint).exists():
-            state = torch.load(ctx.checkpoint, map_location=device, weights_only=True)
+            state = self._load_checkpoint(device, fingerprint)
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
@@ -167,7 +264,8 @@ class TorchTrainer:
                 best = (val_loss, best_state, epoch + 1)
             self._save({"net": net.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "history": history, "epoch": epoch,
-                        "best_loss": best[0], "best_net": best[1], "best_epoch": best[2]})
+                        "best_loss": best[0], "best_net": best[1], "best_epoch": best[2],
+                        "fingerprint": fingerprint})
             if ctx.progress:
                 ctx.progress(rec_progress)
             LOG.info("epoch %d/%d train %.5f val %.5f (%.1f s, %.0f slices/s, ETA %s)",

@@ -57,9 +57,14 @@ class ConvDecoder(nn.Module):
         return self.out(self.blocks(self.fc(z).view(-1, *self.bottom)))
 
 
+def halving_factor(channels: list[int]) -> tuple[int, str]:
+    """The crop multiple of the conv encoder: one halving per level."""
+    return 2 ** len(channels), "2**len(channels)"
+
+
 def bottom_shape(crop: list[int], channels: list[int], type_name: str) -> tuple[int, int]:
     """The feature-map size at the bottleneck; the crop must halve cleanly at every level."""
-    f = 2 ** len(channels)
+    f = halving_factor(channels)[0]
     if len(channels) < 1 or any(int(c) % f for c in crop):
         raise ValueError(
             f"model '{type_name}': crop {list(crop)} must be divisible by 2**len(channels) = {f}"
@@ -96,3 +101,6 @@ class AEModel(SliceModel):
         bottom = bottom_shape(hp["crop"], hp["channels"], self.type_name)
         self.net = BottleneckAE(len(self.contrasts), list(hp["channels"]), int(hp["latent"]),
                                 bottom)
+
+    def crop_multiple(self) -> tuple[int, str]:
+        return halving_factor(self.hparams["channels"])

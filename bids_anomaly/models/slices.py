@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
+
+
+@functools.lru_cache(maxsize=8)
+def template_resolution(shape: tuple[int, ...]) -> int | None:
+    """The resolution (mm) of the template grid that has ``shape``; None for any other grid.
+
+    Only a grid about as wide as the template at some resolution is compared, so small test
+    grids load nothing but the coarse template."""
+    from ..templates import RESOLUTIONS, load_template
+
+    shape = tuple(int(s) for s in shape)
+    coarse = load_template(max(RESOLUTIONS))
+    width_mm = coarse.shape[0] * coarse.resolution
+    for res in RESOLUTIONS:
+        if abs(width_mm / res - shape[0]) <= 2 and load_template(res).shape == shape:
+            return res
+    return None
+
+
+def crop_voxels(crop_mm, resolution: float, multiple: int) -> list[int]:
+    """An in-plane crop of at least ``crop_mm`` millimetres in voxels of ``resolution`` mm,
+    each side rounded up to a multiple of ``multiple`` (the network's downsampling factor)."""
+    return [int(math.ceil(float(mm) / resolution / multiple - 1e-9)) * multiple
+            for mm in crop_mm]
 
 
 def crop_box(mask: np.ndarray, size: tuple[int, int]) -> tuple[slice, slice]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ae import AEModel, ConvDecoder, ConvEncoder, bottom_shape
+from .ae import AEModel, ConvDecoder, ConvEncoder, bottom_shape, halving_factor
 from .base import register
 from .slice_model import SliceModel
 
@@ -65,6 +65,9 @@ class VAEModel(SliceModel):
         hp = self.hparams
         bottom = bottom_shape(hp["crop"], hp["channels"], self.type_name)
         self.net = SliceVAE(len(self.contrasts), list(hp["channels"]), int(hp["latent"]), bottom)
+
+    def crop_multiple(self) -> tuple[int, str]:
+        return halving_factor(self.hparams["channels"])
 
     def loss_fn(self, out, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         recon, mu, logvar = out
