@@ -7,6 +7,26 @@ marks a healthy scan. Conventions:
 
 * the oracle threshold ``t`` flags voxels with ``score >= t`` (it is one of the scores);
 * a calibrated threshold ``t`` (sidecar ``Thresholds``) flags voxels with ``score > t``.
+
+Where the map is defined. Scoring computes the statmap only inside the template-space brain
+mask eroded by the bundle's ``erosion`` (``scoring.postprocess``) and writes 0 elsewhere, and
+the thresholds are quantiles of healthy statmaps over exactly that set. An observed false-positive
+rate counted over the whole brain mask therefore counts the eroded rim, where no voxel can ever
+exceed a positive threshold, as true negatives: a diluted FPR. Observed FPRs are counted only
+where the map is defined:
+
+* template space (``fpr_template_fpr<fpr>``, healthy scans): the scan's template-space brain
+  mask (the one scoring used; it is in OUTPUT_DIR) eroded exactly as scoring erodes it. This is
+  the set and the space the thresholds were calibrated on, so it is the calibration check.
+* native space (``fpr_observed_fpr<fpr>``): the native statmap is the template statmap
+  linearly resampled; a native voxel is defined when its interpolation touches defined template
+  voxels only: that eroded mask brought to the native grid with the same transform and
+  interpolation (``to_native``) is >= 0.999 there. Outputs without the template-space brain
+  mask or the transform fall back to the native brain mask (``fpr_region`` says which).
+
+A "non-zero statmap" is no substitute: z is 0 wherever the anomaly equals the healthy mean.
+The erosion is read from the bundle named in the scan's scores record (``model.path``), else
+the scoring default.
 """
 
 from __future__ import annotations
@@ -73,7 +93,8 @@ def _oracle_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def voxel_metrics(
-    scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float] | None = None
+    scores: np.ndarray, labels: np.ndarray, thresholds: dict[str, float] | None = None,
+    defined: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Voxel-wise metrics of anomaly ``scores`` against binary lesion ``labels``.
 
@@ -81,15 +102,21 @@ def voxel_metrics(
     ``n_voxels``, ``prevalence``, ``auroc``, ``auprc`` (average precision), ``oracle_dice``,
     ``oracle_threshold`` and, per calibrated FPR in ``thresholds``, ``dice_fpr<fpr>`` and
     ``fpr_observed_fpr<fpr>``. Without lesion voxels everything but the observed FPR is NaN.
+    ``defined`` (boolean, same size): where the map is defined; the observed FPR counts the
+    non-lesion voxels there only (default: all of them).
     """
     s = np.asarray(scores).ravel()
     y = np.asarray(labels).ravel()
     if s.shape != y.shape:
         raise ValueError(f"scores ({s.size} voxels) and labels ({y.size} voxels) differ in size")
     y = y.astype(bool)
+    d = None if defined is None else np.asarray(defined, bool).ravel()
+    if d is not None and d.shape != s.shape:
+        raise ValueError(f"defined ({d.size} voxels) and scores ({s.size} voxels) differ in size")
     keep = np.isfinite(s)
     if not keep.all():
         s, y = s[keep], y[keep]
+        d = None if d is None else d[keep]
     n_pos = int(np.count_nonzero(y))
     n_neg = y.size - n_pos
     out: dict[str, float] = {
@@ -107,8 +134,27 @@ def voxel_metrics(
         tp, fp, fn, tn = _counts(s, y, float(thr))
         key = _fpr_key(fpr)
         out[f"dice_fpr{key}"] = _dice(tp, fp, fn)
+        if d is not None:
+            fp, tn = _negatives(s[d], y[d], float(thr))
         out[f"fpr_observed_fpr{key}"] = fp / (fp + tn) if fp + tn else math.nan
     return out
+
+
+def _negatives(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int]:
+    """(FP, TN) of the prediction ``scores > threshold`` among the non-lesion voxels."""
+    neg = ~labels
+    fp = int(np.count_nonzero((scores > threshold) & neg))
+    return fp, int(np.count_nonzero(neg)) - fp
+
+
+def defined_region(brain: np.ndarray, erosion: int) -> np.ndarray:
+    """Where scoring defines the statmap: ``brain`` eroded by ``erosion`` voxels, by the very
+    code that scoring uses (``scoring.postprocess``); the statmap is 0 outside by construction."""
+    from .scoring import ScoringParams, postprocess
+
+    brain = np.asarray(brain, bool)
+    params = ScoringParams(erosion=int(erosion), median_size=1)
+    return postprocess(np.zeros(brain.shape, np.float32), brain, params)[1].astype(bool)
 
 
 def scan_level_auroc(scores: Any, is_pathological: Any) -> float:
@@ -298,13 +344,20 @@ class _Pool:
         self.n_total = 0
         self.n_pos = 0
         self.counts: dict[str, np.ndarray] = {}
+        self.fpr_counts: dict[str, np.ndarray] = {}  # (FP, TN) where the map is defined
+        self.template_counts: dict[str, np.ndarray] = {}  # (FP, TN), healthy, template space
+        self.n_template_scans = 0
 
-    def add(self, scores: np.ndarray, labels: np.ndarray, thr: dict[str, float] | None) -> None:
+    def add(self, scores: np.ndarray, labels: np.ndarray, thr: dict[str, float] | None,
+            defined: np.ndarray | None = None) -> None:
         self.n_total += scores.size
         self.n_pos += int(np.count_nonzero(labels))
         for fpr, t in (thr or {}).items():
             c = np.asarray(_counts(scores, labels, t), dtype=np.int64)
             self.counts[fpr] = self.counts.get(fpr, 0) + c
+            neg = (_negatives(scores, labels, t) if defined is None
+                   else _negatives(scores[defined], labels[defined], t))
+            self.fpr_counts[fpr] = self.fpr_counts.get(fpr, 0) + np.asarray(neg, np.int64)
         self.scores = np.concatenate([self.scores, scores.astype(np.float32)])
         self.labels = np.concatenate([self.labels, labels])
         self.keys = np.concatenate([self.keys, self.rng.random(scores.size)])
@@ -320,15 +373,118 @@ class _Pool:
         for fpr in sorted(self.counts, key=float, reverse=True):
             tp, fp, fn, tn = (int(v) for v in self.counts[fpr])
             out[f"dice_fpr{fpr}"] = _dice(tp, fp, fn)
+            fp, tn = (int(v) for v in self.fpr_counts[fpr])
             out[f"fpr_observed_fpr{fpr}"] = fp / (fp + tn) if fp + tn else math.nan
+        for fpr in sorted(self.template_counts, key=float, reverse=True):
+            fp, tn = (int(v) for v in self.template_counts[fpr])
+            out[f"fpr_template_fpr{fpr}"] = fp / (fp + tn) if fp + tn else math.nan
+        out["n_fpr_template_scans"] = self.n_template_scans
         return out
+
+
+# --------------------------------------------------------------------------- defined region
+
+_FALLBACK_REGION = "native brain mask (no template-space brain mask or transform)"
+
+
+def _scoring_erosion(output_dir: Path, key: ScanKey, cache: dict[str, int]) -> int:
+    """The ``erosion`` of the bundle that scored ``key`` (its scores record names the bundle
+    folder), else the scoring default."""
+    from .scoring import ScoringParams
+
+    try:
+        record = json.loads((output_dir / ScanOutputs(key).scores).read_text(encoding="utf-8"))
+        bundle = Path(str(record["model"]["path"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ScoringParams().erosion
+    if str(bundle) not in cache:
+        try:
+            card = json.loads((bundle / "model.json").read_text(encoding="utf-8"))
+            cache[str(bundle)] = int(card["calibration"]["params"]["erosion"])
+        except (OSError, ValueError, KeyError, TypeError):
+            LOG.warning("%s: cannot read the scoring erosion of bundle %s; assuming %d voxels",
+                        key.scan_id, bundle, ScoringParams().erosion)
+            cache[str(bundle)] = ScoringParams().erosion
+    return cache[str(bundle)]
+
+
+def _template_outputs(output_dir: Path, key: ScanKey) -> ScanOutputs | None:
+    """The scan's outputs at the resolution of its template-space statmap (None without)."""
+    matches = sorted((output_dir / key.subdir).glob(
+        f"{key.scan_id}_space-*_res-*_stat-anomaly_statmap.nii.gz"))
+    if not matches:
+        return None
+    ents = _parse_entities(matches[0].name.split("_stat-")[0]) or {}
+    try:
+        return ScanOutputs(key, res=int(ents["res"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _native_defined(
+    output_dir: Path, outs: ScanOutputs | None, erosion: int, stat_img: nb.Nifti1Image,
+    shape: tuple[int, ...], work: Path,
+) -> np.ndarray | None:
+    """Native voxels whose statmap value is interpolated from defined template voxels only
+    (None when OUTPUT_DIR lacks the template-space brain mask or the transform)."""
+    from .preprocessing.registration import to_native
+    from .templates import load_template
+
+    if outs is None:
+        return None
+    tbrain_path, xfm = output_dir / outs.template_brain_mask, output_dir / outs.xfm
+    if not (tbrain_path.exists() and xfm.exists()):
+        return None
+    template = load_template(outs.res)
+    tbrain_img = _load(tbrain_path)
+    if _shape3(tbrain_img, tbrain_path) != template.shape:
+        raise DataError(f"{tbrain_path}: shape {tbrain_img.shape} is not the {outs.res} mm "
+                        "template grid")
+    tbrain = _array(tbrain_img, template.shape, np.float32) > 0
+    defined = defined_region(tbrain, erosion).astype(np.float32)
+    ref = nb.Nifti1Image(np.zeros(shape, np.float32), stat_img.affine)
+    native = to_native(defined, template, ref, xfm, work / "to_native")
+    return np.asarray(native).reshape(shape) >= 0.999
+
+
+def _template_fpr(
+    output_dir: Path, outs: ScanOutputs | None, erosion: int, thresholds: dict[str, float]
+) -> dict[str, float] | None:
+    """(FP, TN) per FPR of a healthy scan's template statmap over the eroded template brain
+    (the calibration set); None without the template-space outputs."""
+    if outs is None:
+        return None
+    tstat_path = output_dir / outs.template_statmap
+    tbrain_path = output_dir / outs.template_brain_mask
+    if not (tstat_path.exists() and tbrain_path.exists()):
+        return None
+    tstat_img, tbrain_img = _load(tstat_path), _load(tbrain_path)
+    _check_grid(tstat_img, tstat_path, tbrain_img, tbrain_path)
+    tshape = _shape3(tstat_img, tstat_path)
+    tstat = _array(tstat_img, tshape, np.float32)
+    region = defined_region(_array(tbrain_img, tshape, np.float32) > 0, erosion)
+    region &= np.isfinite(tstat)
+    s = tstat[region]
+    no_lesion = np.zeros(s.shape, bool)
+    return {fpr: _negatives(s, no_lesion, t) for fpr, t in thresholds.items()}
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 def _evaluate_dir(
-    output_dir: Path, labels_dir: Path, mask_dilation: int, cap: int
+    output_dir: Path, labels_dir: Path, mask_dilation: int, cap: int,
+    erosion: int | None = None,
+) -> tuple[str, list[dict], dict, list[str]]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ba-evaluate-") as tmp:
+        return _evaluate_dir_in(output_dir, labels_dir, mask_dilation, cap, erosion, Path(tmp))
+
+
+def _evaluate_dir_in(
+    output_dir: Path, labels_dir: Path, mask_dilation: int, cap: int, erosion: int | None,
+    work: Path,
 ) -> tuple[str, list[dict], dict, list[str]]:
     table = output_dir / GROUP_TABLE
     scans = _scans_from_table(table) if table.exists() else _scans_from_glob(output_dir)
@@ -338,6 +494,7 @@ def _evaluate_dir(
     skipped: list[str] = []
     pool = _Pool(cap)
     struct = ndimage.generate_binary_structure(3, 1)
+    erosions: dict[str, int] = {}
     for key, score in scans:
         outs = ScanOutputs(key)
         stat_path = output_dir / outs.native_statmap
@@ -374,9 +531,32 @@ def _evaluate_dir(
         region = brain & np.isfinite(stat) & np.isfinite(lesion_f)
         lesion = np.nan_to_num(lesion_f) > 0
         s, y = stat[region], lesion[region]
-        pool.add(s, y, thresholds)
-        metrics = voxel_metrics(s, y, thresholds)
+        # Observed FPRs count only voxels where the statmap is defined (module docstring).
+        e = _scoring_erosion(output_dir, key, erosions) if erosion is None else int(erosion)
+        touts = _template_outputs(output_dir, key)
+        native_defined = _native_defined(output_dir, touts, e, stat_img, shape, work)
+        if native_defined is None:
+            defined, fpr_region = None, _FALLBACK_REGION
+        else:
+            undiluted = (_array(brain_img, shape, np.float32) > 0) & native_defined
+            defined, fpr_region = undiluted[region], f"defined: brain eroded by {e} voxel(s)"
+        pool.add(s, y, thresholds, defined)
+        metrics = voxel_metrics(s, y, thresholds, defined)
         n_lesion = int(np.count_nonzero(lesion))
+        template_fpr = None
+        if n_lesion == 0 and thresholds:
+            template_fpr = _template_fpr(output_dir, touts, e, thresholds)
+        if template_fpr is not None:
+            pool.n_template_scans += 1
+        for fpr in thresholds or {}:
+            value = math.nan
+            if template_fpr is not None:
+                fp, tn = template_fpr[fpr]
+                pool.template_counts[fpr] = pool.template_counts.get(fpr, 0) + np.asarray(
+                    (fp, tn), np.int64)
+                value = fp / (fp + tn) if fp + tn else math.nan
+            metrics[f"fpr_template_fpr{fpr}"] = value
+        metrics["fpr_region"] = fpr_region
         rows.append({
             "scan_id": key.scan_id,
             "participant_id": f"sub-{key.subject}",
@@ -398,6 +578,7 @@ def _evaluate_dir(
     pooled["scan_auroc"] = scan_level_auroc([r["score"] for r in rows], pathological)
     pooled["n_scans"] = len(rows)
     pooled["n_pathological"] = int(pathological.sum())
+    pooled["n_healthy"] = len(rows) - int(pathological.sum())
     return model_name or output_dir.name, rows, pooled, skipped
 
 
@@ -406,12 +587,15 @@ def evaluate_outputs(
     labels_dir: Path,
     mask_dilation: int = 0,
     max_pooled_voxels: int = MAX_POOLED_VOXELS,
+    erosion: int | None = None,
 ) -> EvaluationResult:
     """Evaluate each OUTPUT_DIR (one model each) against the lesion masks in ``labels_dir``.
 
     Scans come from ``group_anomaly.tsv`` (status ok) or, without it, from the native
     statmaps found on disk. Metrics are computed inside the native brain mask (dilated by
-    ``mask_dilation`` voxels) where statmap and label are finite.
+    ``mask_dilation`` voxels) where statmap and label are finite; observed false-positive
+    rates only where the statmap is defined (see the module docstring; ``erosion`` overrides
+    the erosion read from each scan's bundle).
     """
     labels_dir = Path(labels_dir)
     if not output_dirs:
@@ -427,7 +611,8 @@ def evaluate_outputs(
     seen: set[str] = set()
     for d in output_dirs:
         d = Path(d)
-        name, rows, pool, skip = _evaluate_dir(d, labels_dir, mask_dilation, max_pooled_voxels)
+        name, rows, pool, skip = _evaluate_dir(d, labels_dir, mask_dilation, max_pooled_voxels,
+                                               erosion)
         if name in seen:  # two folders of the same model: keep them apart
             name = f"{name} ({d.name})"
         seen.add(name)
@@ -436,7 +621,7 @@ def evaluate_outputs(
         skipped += skip
     scans_df = pd.DataFrame(per_scan)
     pooled_df = pd.DataFrame(pooled)
-    lead = ["model", "n_scans", "n_pathological"]
+    lead = ["model", "n_scans", "n_pathological", "n_healthy"]
     pooled_df = pooled_df[lead + [c for c in pooled_df.columns if c not in lead]]
     return EvaluationResult(scans_df, pooled_df, skipped, mask_dilation)
 
@@ -586,6 +771,11 @@ _DESCRIPTIONS = {
     "scan_auroc": "Scan-level AUROC of the per-scan score, pathological vs healthy scans.",
     "n_scans": "Number of scans evaluated.",
     "n_pathological": "Number of evaluated scans with a non-empty lesion mask.",
+    "n_healthy": "Number of evaluated scans with an empty lesion mask (healthy).",
+    "n_fpr_template_scans": "Number of healthy scans the template-space observed FPR rests on.",
+    "fpr_region": "Where the observed FPR was counted: where the statmap is defined (the brain "
+                  "mask eroded as scoring erodes it, brought to the native grid), or the whole "
+                  "native brain mask when the outputs lack the template-space mask or transform.",
 }
 
 
@@ -595,8 +785,14 @@ def _describe(col: str) -> dict[str, str]:
         desc = f"Dice of statmap > threshold calibrated at voxel FPR {fpr} on healthy data."
     elif col.startswith("fpr_observed_fpr"):
         fpr = col[len("fpr_observed_fpr"):]
-        desc = (f"Observed false-positive rate among non-lesion voxels at the threshold "
-                f"calibrated for FPR {fpr}.")
+        desc = (f"Observed false-positive rate among non-lesion native voxels where the "
+                f"statmap is defined (see fpr_region), at the threshold calibrated for FPR "
+                f"{fpr}.")
+    elif col.startswith("fpr_template_fpr"):
+        fpr = col[len("fpr_template_fpr"):]
+        desc = (f"Healthy scans only: observed false-positive rate of the template-space "
+                f"statmap inside the eroded template brain mask (the set the threshold was "
+                f"calibrated on), at the threshold calibrated for FPR {fpr}.")
     else:
         desc = _DESCRIPTIONS.get(col, col)
     return {"Description": desc}

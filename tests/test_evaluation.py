@@ -292,3 +292,128 @@ def test_group_report_evaluation_section(dataset: tuple[list[Path], Path]) -> No
     # Writing the tables elsewhere (no group_anomaly.tsv there) writes no report.
     assert not any(p.suffix == ".html" for p in write_evaluation(
         evaluate_outputs(outs, labels), out.parent / "elsewhere"))
+
+
+# ----------------------------------------------------------------------------- defined region
+
+EROSION = 3  # the fake bundle's erosion (not the default 2: it must be read from the bundle)
+
+
+def _scored_like_infer(out: Path, key: ScanKey, template_statmap: np.ndarray, tpl,
+                       native_affine: np.ndarray, native_shape: tuple[int, ...],
+                       thresholds: dict[str, float]) -> None:
+    """The files the participant level writes for one scan, with an identity transform:
+    template statmap and brain mask, the native statmap and mask brought back with the same
+    ``to_native`` as scoring, the ``_xfm.mat``, a scores record naming a bundle whose card
+    says ``erosion``."""
+    import ants
+
+    from bids_anomaly.preprocessing.registration import to_native
+
+    outs = ScanOutputs(key, res=tpl.resolution)
+    xfm = out / outs.xfm
+    xfm.parent.mkdir(parents=True, exist_ok=True)
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform",
+                                                    dimension=3), str(xfm))
+    ref = nb.Nifti1Image(np.zeros(native_shape, np.float32), native_affine)
+    work = out / "tmp"
+    native_stat = to_native(template_statmap, tpl, ref, xfm, work)
+    native_brain = to_native(tpl.mask.astype(np.float32), tpl, ref, xfm, work) > 0.5
+    _save(out / outs.template_statmap, template_statmap.astype(np.float32), tpl.affine)
+    _save(out / outs.template_brain_mask, tpl.mask.astype(np.uint8), tpl.affine)
+    _save(out / outs.native_statmap, native_stat.astype(np.float32), native_affine)
+    _save(out / outs.native_brain_mask, native_brain.astype(np.uint8), native_affine)
+    meta = {"Thresholds": thresholds, "Model": {"Name": "fake", "SHA256": "0" * 64}}
+    sidecar(out / outs.native_statmap).write_text(json.dumps(meta))
+    bundle = out.parent / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "model.json").write_text(json.dumps(
+        {"calibration": {"params": {"erosion": EROSION}}}))
+    (out / outs.scores).write_text(json.dumps({"status": "ok", "score": 1.0,
+                                               "model": {"path": str(bundle)}}))
+
+
+def _eroded(mask: np.ndarray, erosion: int) -> np.ndarray:
+    """The brain as scoring erodes it (scoring.postprocess), written out independently."""
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=erosion)
+
+
+def _healthy_labels(root: Path, key: ScanKey, affine: np.ndarray, shape) -> Path:
+    _save(root / key.subdir / build_name(key, "mask", label="lesion"),
+          np.zeros(shape, np.uint8), affine)
+    return root
+
+
+def test_defined_region_is_scorings_eroded_mask() -> None:
+    from bids_anomaly.evaluation import defined_region
+    from bids_anomaly.scoring import ScoringParams, postprocess
+
+    brain = np.zeros((12, 12, 12), bool)
+    brain[2:10, 3:11, 1:9] = True
+    for e in (0, 1, 2):
+        eroded = postprocess(np.ones(brain.shape), brain, ScoringParams(erosion=e))[1]
+        np.testing.assert_array_equal(defined_region(brain, e), eroded)
+    assert defined_region(brain, 2).sum() < defined_region(brain, 1).sum() < brain.sum()
+
+
+def test_healthy_fpr_counts_only_where_the_statmap_is_defined(tmp_path: Path) -> None:
+    """A healthy scan scored on the template grid: z ~ N(0, 1) inside the brain eroded by the
+    bundle's erosion, 0 (by construction) on the rim. The observed FPR must be the exceedance
+    rate inside the eroded brain, in native and in template space; counting the rim as true
+    negatives (the whole brain mask, as before) dilutes it by the rim's share."""
+    from scipy.stats import norm
+
+    from bids_anomaly.templates import load_template
+
+    tpl = load_template(2)
+    key = ScanKey("h1")
+    thresholds = {"0.01": float(norm.isf(0.01)), "0.001": float(norm.isf(0.001))}
+    eroded = _eroded(tpl.mask, EROSION)
+    z = np.random.default_rng(0).standard_normal(tpl.shape).astype(np.float32)
+    stat = np.where(eroded, z, 0.0).astype(np.float32)
+    out = tmp_path / "out"
+    _scored_like_infer(out, key, stat, tpl, tpl.affine, tpl.shape, thresholds)
+    labels = _healthy_labels(tmp_path / "labels", key, tpl.affine, tpl.shape)
+
+    res = evaluate_outputs([out], labels)
+    row = res.per_scan.iloc[0]
+    pooled = res.pooled.iloc[0]
+    for fpr, thr in thresholds.items():
+        expected = np.count_nonzero(z[eroded] > thr) / eroded.sum()
+        diluted = np.count_nonzero(z[eroded] > thr) / tpl.mask.sum()
+        assert diluted < 0.85 * expected  # the rim is a large share of a 2 mm brain
+        for col in (f"fpr_observed_fpr{fpr}", f"fpr_template_fpr{fpr}"):
+            for value in (row.get(col), pooled.get(col)):
+                assert value == pytest.approx(expected, rel=1e-6), (col, value, expected, diluted)
+    assert row["fpr_region"].startswith("defined") and f"{EROSION} voxel" in row["fpr_region"]
+    assert pooled["n_healthy"] == 1 and pooled["n_fpr_template_scans"] == 1
+    # Other metrics keep the whole native brain mask.
+    assert row["n_voxels"] == tpl.mask.sum()
+
+
+def test_native_fpr_excludes_voxels_diluted_by_the_undefined_rim(tmp_path: Path) -> None:
+    """Native grid coarser than the template (3 mm): the native statmap interpolates the
+    template one, so native voxels near the eroded rim mix z with the rim's zeros. A statmap
+    that is 5 wherever it is defined must exceed a threshold of 4.9 at every native voxel
+    counted (observed FPR exactly 1), and a healthy scan's template FPR too."""
+    from bids_anomaly.templates import load_template
+
+    tpl = load_template(2)
+    key = ScanKey("h2")
+    stat = np.where(_eroded(tpl.mask, EROSION), 5.0, 0.0).astype(np.float32)
+    native_affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    native_affine[:3, 3] = tpl.affine[:3, 3] + 1.0  # off the template's voxel centres
+    native_shape = (65, 78, 63)
+    out = tmp_path / "out"
+    _scored_like_infer(out, key, stat, tpl, native_affine, native_shape, {"0.01": 4.9})
+    labels = _healthy_labels(tmp_path / "labels", key, native_affine, native_shape)
+
+    row = evaluate_outputs([out], labels).per_scan.iloc[0]
+    assert row["fpr_observed_fpr0.01"] == 1.0
+    assert row.get("fpr_template_fpr0.01") == 1.0
+    # Where it was computed before (the whole native brain mask) the rim dilutes it.
+    native = nb.load(out / ScanOutputs(key).native_statmap).get_fdata()
+    brain = nb.load(out / ScanOutputs(key).native_brain_mask).get_fdata() > 0
+    assert np.mean(native[brain] > 4.9) < 0.85

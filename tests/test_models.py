@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from bids_anomaly.errors import BundleError
 from bids_anomaly.models.base import FitContext, get_model_class
-from bids_anomaly.models.bundle import load_bundle, save_bundle
+from bids_anomaly.models.bundle import load_bundle, save_bundle, sha256
 from bids_anomaly.scoring import Calibration
 
 from .model_inputs import SHAPE, tiny_volumes
@@ -118,9 +121,67 @@ def test_bundle_refuses_other_contrasts_template_resolution(tmp_path):
         bundle.check_fits(["T1w"], "MNI152NLin2009aSym", 1)
 
 
+class _Payload:
+    """Unpickling this creates the directory ``marker`` (``os.mkdir``): proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _unpickles(path: Path, marker: Path, how: str) -> bool:
+    """Positive control: does a careless loader (``how``) run the payload in ``path``?"""
+    assert not marker.exists()
+    try:
+        if how == "pickle":
+            with open(path, "rb") as fh:
+                pickle.load(fh)
+        else:
+            torch.load(path, weights_only=False)
+    except Exception:
+        pass  # the payload runs while unpickling, whatever the loader does next
+    ran = marker.exists()
+    if ran:
+        marker.rmdir()
+    return ran
+
+
+def _relist(path: Path, names: list[str]) -> None:
+    """List ``names`` in the card's ``files`` with their correct sha256 (as a packer would)."""
+    card = json.loads((path / "model.json").read_text())
+    for name in names:
+        card["files"][name] = sha256(path / name)
+    (path / "model.json").write_text(json.dumps(card))
+
+
 def test_bundle_is_not_code(tmp_path):
-    """Nothing in a bundle is unpickled: a pickle file beside it is never read."""
+    """Nothing in a bundle is unpickled: pickles where a careless loader would look never run.
+
+    Each payload creates a marker (absolute path inside tmp_path) when unpickled; the test
+    first proves, with pickle.load / torch.load(weights_only=False) of the very same files,
+    that they do run when unpickled, so a loader that unpickles fails this test.
+    """
+    marker = tmp_path / "pwned"
     path = _saved(tmp_path)
-    (path / "evil.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
+    # Extra files a loader might pick up: a torch checkpoint and a plain pickle, both listed
+    # in the card with a correct checksum (so checksum verification alone does not stop them).
+    torch.save({"state_dict": _Payload(marker)}, path / "weights.pt")
+    (path / "extra.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    _relist(path, ["weights.pt", "extra.pkl"])
+    assert _unpickles(path / "weights.pt", marker, "torch")
+    assert _unpickles(path / "extra.pkl", marker, "pickle")
     load_bundle(path)
-    assert not (tmp_path / "pwned").exists()
+    assert not marker.exists(), "load_bundle unpickled a file of the bundle"
+
+    # The weights themselves replaced by a pickle, re-checksummed: safetensors must refuse
+    # them without running them. (torch 2.13 reads a *.safetensors name with safetensors even
+    # in torch.load, so pickle.load is the careless loader to control against here.)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(pickle.dumps(_Payload(marker)))
+    _relist(path, ["weights.safetensors"])
+    assert _unpickles(weights, marker, "pickle")
+    with pytest.raises(BundleError, match="cannot be loaded"):
+        load_bundle(path)
+    assert not marker.exists(), "load_bundle unpickled weights.safetensors"

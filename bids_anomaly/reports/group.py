@@ -649,7 +649,9 @@ def _evaluation_html(output_dir: Path) -> str:
         "over all thresholds, chosen with the lesion labels: an upper bound that no user "
         "gets without labels. The <b>Dice at the calibrated thresholds</b> (set on healthy "
         "participants for a voxel false-positive rate) is the operating point a user "
-        "actually gets.</p>",
+        "actually gets. The <b>observed FPR</b> of healthy scans counts only voxels where the "
+        "anomaly map is defined (the brain mask eroded as scoring erodes it), and says how many "
+        "healthy scans it rests on.</p>",
         pooled,
         f'<p data-testid="evaluation-scan-auroc">Scan-level AUROC (healthy vs pathological '
         f"scans, from the per-scan score): {scan_auroc or NA}</p>",
