@@ -110,7 +110,7 @@ def one_model(model: str, epochs: int, threads: int, cache: Path) -> dict:
         preproc_jsons=[str(pre[s]) for s in train], subjects=train,
         scan_ids=[f"sub-{s}_T1w" for s in train], contrasts=["T1w"], model_type=model,
         model_name=f"bench-{model}", model_config=config, preproc=PreprocConfig().to_dict(),
-        calibration_fraction=0.25, dataset=str(IXI), seed=0, device="cpu", threads=threads,
+        folds=2, dataset=str(IXI), seed=0, device="cpu", threads=threads,
         checkpoint=None, resume=False)
     dest = cache / "bundles" / model
     t = time.perf_counter()

@@ -84,7 +84,7 @@ class TrainConfig:
     model_type: str = "dae"
     model_name: str | None = None
     model_config: dict = field(default_factory=dict)
-    calibration_fraction: float = 0.25
+    folds: int = 5  # k-fold cross-fitting: every healthy participant calibrates once
     resume: bool = False
 
     @property

@@ -7,14 +7,14 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 
 from . import __version__
-from .calibration import calibrate
+from .calibration import calibrate_out_of_fold
 from .config import PreprocConfig
 from .models.base import FitContext, get_model_class
 from .models.bundle import save_bundle
@@ -35,16 +35,40 @@ def load_volume(result: PreprocResult, contrasts: list[str]) -> tuple[np.ndarray
     return np.stack(chans), mask
 
 
-def split_participants(subjects: list[str], fraction: float, seed: int) -> tuple[list, list]:
-    """Participant-level split into fit and held-out (validation + calibration) sets."""
+@dataclass(frozen=True)
+class ParticipantSplit:
+    """Which healthy participants do what; the three sets never overlap.
+
+    ``fit`` trains the network and sets the voxel-wise normative maps; ``validation`` chooses
+    the epoch (early stopping); ``calibration`` sets the voxel thresholds and the healthy score
+    reference, on scans that neither trained the model nor chose its epoch. With too few
+    participants for a validation set the epoch is chosen on the training loss."""
+
+    fit: list[str]
+    validation: list[str]
+    calibration: list[str]
+
+
+def plan_folds(subjects: list[str], folds: int, seed: int,
+               validation: bool = True) -> list[ParticipantSplit]:
+    """K-fold cross-fitting plan: every participant calibrates exactly once.
+
+    Participants are shuffled (``seed``) and dealt into ``min(folds, N)`` folds (at least 2).
+    Fold k calibrates on its own participants; when ``validation`` and at least two others
+    remain, one participant of the next fold chooses the epoch; the rest fit."""
     uniq = sorted(set(subjects))
     if len(uniq) < 2:
         raise ValueError("training needs at least 2 healthy participants (fit + calibration)")
-    rng = np.random.default_rng(seed)
-    order = list(rng.permutation(uniq))
-    n_held = min(len(uniq) - 1, max(1, int(round(fraction * len(uniq)))))
-    held = sorted(order[:n_held])
-    return sorted(order[n_held:]), held
+    order = [str(s) for s in np.random.default_rng(seed).permutation(uniq)]
+    k = max(2, min(int(folds), len(order)))
+    groups = [order[i::k] for i in range(k)]
+    plan = []
+    for i, calib in enumerate(groups):
+        rest = [s for s in order if s not in calib]
+        val = [groups[(i + 1) % k][0]] if validation and len(rest) >= 2 else []
+        plan.append(ParticipantSplit(fit=sorted(set(rest) - set(val)), validation=sorted(val),
+                                     calibration=sorted(calib)))
+    return plan
 
 
 @dataclass
@@ -59,13 +83,15 @@ class FitInputs:
     model_name: str
     model_config: dict
     preproc: dict
-    calibration_fraction: float
+    folds: int
     dataset: str
     seed: int
     device: str
     threads: int
     checkpoint: str | None
     resume: bool
+    sources_sha256: list[str] | None = None  # of each scan's T1w file, to recognise it later
+    scoring: dict | None = None  # ScoringParams fields overriding the defaults
 
 
 def fit_bundle(inputs: FitInputs, dest: Path,
@@ -84,38 +110,84 @@ def fit_bundle(inputs: FitInputs, dest: Path,
     t0 = time.perf_counter()
     preproc = PreprocConfig.from_dict(inputs.preproc)
     template = load_template(preproc.resolution)
-    fit_subj, held_subj = split_participants(inputs.subjects, inputs.calibration_fraction,
-                                             inputs.seed)
+    cls = get_model_class(inputs.model_type)
+    plan = plan_folds(inputs.subjects, inputs.folds, inputs.seed, validation=cls.learned)
     data = {}
     for js, subj, sid in zip(inputs.preproc_jsons, inputs.subjects, inputs.scan_ids):
         data[sid] = (subj, *load_volume(PreprocResult.load(Path(js)), inputs.contrasts))
-    # Stage 2 of the normalisation: learned on the fit participants only, applied to all.
-    std = learn_standardisation([v for s, v, _ in data.values() if s in fit_subj],
-                                [m for s, _, m in data.values() if s in fit_subj],
-                                inputs.contrasts)
+    # Stage 2 of the normalisation: intensity landmarks of the whole healthy cohort (medians
+    # of per-scan percentiles: unsupervised, and barely moved by any one scan).
+    std = learn_standardisation([v for _, v, _ in data.values()],
+                                [m for _, _, m in data.values()], inputs.contrasts)
     for sid, (s, v, m) in data.items():  # one volume at a time: no second copy of the cohort
         data[sid] = (s, apply_standardisation(v, m, std, inputs.contrasts), m)
-    fit = [(v, m) for s, v, m in data.values() if s in fit_subj]
-    held = [(v, m) for s, v, m in data.values() if s in held_subj]
-    cls = get_model_class(inputs.model_type)
-    import torch
 
-    torch.manual_seed(inputs.seed)  # initial weights follow --seed
-    model = cls(inputs.contrasts, template.shape, inputs.model_config)
+    def volumes(subjects: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        chosen = [(v, m) for s, v, m in data.values() if s in subjects]
+        return [v for v, _ in chosen], [m for _, m in chosen]
+
     from .training import resolve_device
 
     device = resolve_device(inputs.device)
-    ctx = FitContext(val_volumes=[v for v, _ in held], val_masks=[m for _, m in held],
-                     device=device, threads=inputs.threads, seed=inputs.seed,
-                     checkpoint=inputs.checkpoint, resume=inputs.resume, progress=progress)
-    LOG.info("Fitting %s on %d scans (%d participants); %d held-out scans for calibration",
-             inputs.model_type, len(fit), len(fit_subj), len(held))
-    history = model.fit([v for v, _ in fit], [m for _, m in fit], ctx)
-    # Calibrate the model exactly as scoring will see it: rebuilt from its saved tensors.
-    model = _reloaded(model)
-    calib = calibrate(model, [v for v, _ in held], [m for _, m in held], ScoringParams(),
-                      device=device, participants=held_subj,
-                      normative_volumes=[v for v, _ in fit], normative_masks=[m for _, m in fit])
+
+    # A time budget (max_minutes) covers the whole training: the folds and the final model.
+    share = {}
+    if "max_minutes" in cls.defaults:
+        total = float({**cls.defaults, **inputs.model_config}["max_minutes"])
+        share = {"max_minutes": total / (len(plan) + 1)}
+
+    def train(subjects: list[str], val_subjects: list[str], config: dict, tag: str):
+        import torch
+
+        torch.manual_seed(inputs.seed)  # initial weights follow --seed
+        model = cls(inputs.contrasts, template.shape, {**config, **share})
+        fit_v, fit_m = volumes(subjects)
+        val_v, val_m = volumes(val_subjects)
+        ckpt = (str(Path(inputs.checkpoint).with_name(f"{Path(inputs.checkpoint).stem}-{tag}"
+                                                      f"{Path(inputs.checkpoint).suffix}"))
+                if inputs.checkpoint else None)
+        ctx = FitContext(val_volumes=val_v, val_masks=val_m, device=device,
+                         threads=inputs.threads, seed=inputs.seed, checkpoint=ckpt,
+                         resume=inputs.resume, progress=progress)
+        history = model.fit(fit_v, fit_m, ctx)
+        # Reconstruct exactly as scoring will: a model rebuilt from its saved tensors.
+        return _reloaded(model), history
+
+    # Out-of-fold residuals: each healthy scan reconstructed by a model that never saw it.
+    residuals, masks, owners, folds, example = [], [], [], [], None
+    for k, split in enumerate(plan):
+        LOG.info("Fold %d/%d: fitting %s on %d participants; epoch chosen on %s; "
+                 "calibrating on %d", k + 1, len(plan), inputs.model_type, len(split.fit),
+                 f"{len(split.validation)} validation participant(s)" if split.validation
+                 else "the training loss", len(split.calibration))
+        model_k, history_k = train(split.fit, split.validation, inputs.model_config,
+                                   f"fold{k + 1}")
+        for s, v, m in data.values():
+            if s in split.calibration:
+                recon = model_k.reconstruct(v, m, device=device)
+                residuals.append(v - recon)
+                masks.append(m)
+                owners.append(s)
+                if example is None:
+                    example = (v, recon, m)
+        folds.append({**asdict(split), "best_epoch": history_k.get("best_epoch"),
+                      "best_val_loss": history_k.get("best_val_loss"),
+                      "epochs_run": len(history_k.get("history", []))})
+        del model_k
+    calib = calibrate_out_of_fold(residuals, masks, ScoringParams(**(inputs.scoring or {})),
+                                  participants=owners)
+    del residuals
+    reference = calib.reference
+    if reference["level"] != "ok":
+        LOG.warning("%s", reference["message"])
+    # The shipped model: every participant, for the median epoch the folds chose.
+    final_config = dict(inputs.model_config)
+    best = [f["best_epoch"] for f in folds if f.get("best_epoch")]
+    if cls.learned and best and "epochs" in cls.defaults:
+        final_config["epochs"] = max(1, int(np.median(best)))
+    LOG.info("Final model: fitting %s on all %d participants (%s epochs)", inputs.model_type,
+             len(set(inputs.subjects)), final_config.get("epochs", "n/a"))
+    model, history = train(sorted(set(inputs.subjects)), [], final_config, "final")
     card = {
         "name": inputs.model_name,
         "description": f"{inputs.model_type} normative model of healthy brains "
@@ -125,6 +197,7 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         "space": TEMPLATE_NAME,
         "resolution": preproc.resolution,
         "preprocessing": preproc.to_dict(),
+        "inference_precision": "float32",  # calibration and scoring alike, on any device
         "normalisation": {
             "per_volume": {"method": "per-volume: 0.5th percentile → 0, median → 0.7",
                            "low": 0.5, "median_target": 0.7, "clip": 1.5},
@@ -132,9 +205,20 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         },
         "training": {
             "dataset": inputs.dataset,
-            "participants": fit_subj,
-            "calibration_participants": held_subj,
-            "n_scans": len(fit),
+            "participants": sorted(set(inputs.subjects)),
+            "calibration_participants": sorted(set(owners)),
+            "folds": folds,
+            "epoch_selection": (f"final model: median best epoch of {len(plan)} folds, each "
+                                "chosen on a validation participant outside the fold's "
+                                "calibration set" if cls.learned else "not learned"),
+            "scans": [{"scan_id": sid, "participant": subj, "role": "fit",
+                       **({"sha256": digest} if digest else {})}
+                      for sid, subj, digest in zip(inputs.scan_ids, inputs.subjects,
+                                                   inputs.sources_sha256
+                                                   or [None] * len(inputs.scan_ids))],
+            "n_scans": len(data),
+            "models_trained": len(plan) + 1,
+            "minutes_per_model": share.get("max_minutes"),
             "seed": inputs.seed,
             "device": device,
             "seconds": round(time.perf_counter() - t0, 1),
@@ -147,8 +231,8 @@ def fit_bundle(inputs: FitInputs, dest: Path,
                         "not a diagnostic device.",
     }
     extra = {"calibration.npz": _calibration_npz(calib)}
-    if held:
-        extra.update(_example_reconstructions(model, held[0][0], held[0][1], device))
+    if example is not None:
+        extra.update(_example_reconstructions(*example))
     return save_bundle(dest, model, card, calib, extra_files=extra)
 
 
@@ -181,12 +265,11 @@ def _progress_bar(label: str):
         yield update
 
 
-def _example_reconstructions(model, volume: np.ndarray, mask: np.ndarray, device: str
+def _example_reconstructions(volume: np.ndarray, recon: np.ndarray, mask: np.ndarray
                              ) -> dict[str, bytes]:
-    """Mosaics of a held-out validation scan and the model's reconstruction (PNG)."""
+    """Mosaics of a held-out scan and its out-of-fold reconstruction (PNG)."""
     from .reports.figures import mosaic
 
-    recon = model.reconstruct(volume, mask, device=device)
     lo, hi = float(np.percentile(volume[0][mask], 1)), float(np.percentile(volume[0][mask], 99.5))
     return {
         "example_input.png": mosaic(volume[0] * mask, vmin=lo, vmax=hi, crop_mask=mask),

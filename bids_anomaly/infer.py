@@ -14,6 +14,7 @@ from .models.bundle import load_bundle
 from .preprocessing.pipeline import PreprocResult
 from .preprocessing.registration import to_native
 from .preprocessing.standardise import standardise_for_bundle
+from .reference import reference_cohort, reference_scans
 from .scoring import flag_score, score_volume
 from .templates import TEMPLATE_NAME, load_template
 
@@ -84,6 +85,12 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
         "flag_percentile": bundle.calibration.params.flag_percentile,
         "default_fpr": float(bundle.calibration.default_fpr),
         "thresholds": bundle.calibration.thresholds,
+        # What the shipped mask (threshold + cluster filter) flags on the calibration scans.
+        "mask_fpr": bundle.calibration.mask_fpr,
+        "observed_mask_fpr": bundle.calibration.mask_fpr.get(bundle.calibration.default_fpr),
+        "min_cluster_voxels": bundle.calibration.params.min_cluster_voxels,
+        "reference": {**bundle.calibration.reference,
+                      "cohort": reference_cohort(bundle.card)},
         "n_clusters": int(len(result.clusters)),
         "anomaly_volume_mm3": float(result.mask.sum()) * vox_mm3,
         "healthy_scores": bundle.calibration.healthy_scores,
@@ -101,6 +108,8 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
                 "resolution": res,
                 "bids_anomaly_version": bundle.card["software"]["bids-anomaly"],
             },
+            # Who the healthy reference is, to recognise a scan that was part of it.
+            "reference_scans": reference_scans(bundle.card),
         },
         "preprocessing": {"brain_extraction": pre.brain_extraction,
                           "brain_volume_ml": pre.brain_volume_ml, "timings": pre.timings},

@@ -35,17 +35,17 @@ from .interrupt import remove_temp_files, stop_children
 from .naming import ScanKey, ScanOutputs
 from .paths import ensure_writable_dir, validate_run_paths
 from .preprocessing.checks import load_checked
+from .reference import file_sha256
 from .versions import software_versions
 from .workflows.base import (
     Failure,
-    failures_from_crashes,
     node_name,
-    node_result_file,
-    parse_crash,
     preprocessing_workflow,
+    result_output,
     run_workflow,
+    scan_outcomes,
 )
-from .workflows.interfaces import DerivativesSink, Fit, Score
+from .workflows.interfaces import DerivativesSink, Fit, Recalibrate, Score
 
 LOG = logging.getLogger("bids_anomaly")
 # OSErrors of a derivatives sink that mean "cannot create output" (exit 73): ENOSPC, EROFS,
@@ -125,7 +125,11 @@ def provenance(cfg: RunConfig) -> dict:
 
 
 def setup_run(cfg: RunConfig) -> Path:
-    """Validate folders, create OUTPUT_DIR and the work dir, attach a log file."""
+    """Validate folders, create OUTPUT_DIR and the work dir, attach a log file.
+
+    Returns this run's own crash folder, ``logs/run-<stamp>-<pid>/`` (next to its log file):
+    concurrent runs into one OUTPUT_DIR never read each other's crash files.
+    """
     validate_run_paths(cfg.bids_dir, cfg.output_dir, cfg.work_dir)
     ensure_writable_dir(cfg.output_dir, "OUTPUT_DIR")
     ensure_writable_dir(cfg.work_dir, "work directory")
@@ -135,7 +139,7 @@ def setup_run(cfg: RunConfig) -> Path:
     handler = logging.FileHandler(logs / f"run-{stamp}-{os.getpid()}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
-    return logs
+    return logs / f"run-{stamp}-{os.getpid()}"
 
 
 def discover(cfg: RunConfig, needed_by: str = "--contrasts") -> list[ScanInput]:
@@ -161,22 +165,21 @@ def precheck(scans: list[ScanInput]) -> tuple[list[ScanInput], dict[str, Failure
     return good, bad
 
 
-def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str
+def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash_dir: Path
                       ) -> tuple[dict[str, Path], dict[str, Failure]]:
+    """Preprocess ``scans``: the result file of each that finished, and why the others did not."""
     wf, nodes = preprocessing_workflow(scans, cfg.preproc, cfg.work_dir,
                                        cfg.resources.threads_per_node, cfg.seed, device)
     if not scans:
         return {}, {}
-    crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
-    names = {node.name: sid for sid, node in nodes.items()}
-    failures = failures_from_crashes(crashes, names)
+    run = run_workflow(wf, cfg.resources, crash_dir)
+    results, failures = scan_outcomes(run, {sid: [node] for sid, node in nodes.items()})
     done = {}
-    for sid, node in nodes.items():
-        if sid in failures:
-            continue
-        res = node_result_file(wf, node, "result")
+    for sid, result in results.items():
+        res = result_output(result, "result")
         if res is None or not res.exists():
-            failures[sid] = Failure(sid, "preprocessing did not finish (see logs/)")
+            failures[sid] = Failure(sid, f"preprocessing finished without its result file "
+                                         f"({res or 'no output'})")
         else:
             done[sid] = res
     return done, failures
@@ -194,7 +197,7 @@ def _resolve_device(cfg: RunConfig) -> str:
 def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     """Preprocess the healthy cohort (fan-out), then fit and calibrate one model bundle."""
     t0 = time.perf_counter()
-    setup_run(cfg)
+    crash_dir = setup_run(cfg)
     device = _resolve_device(cfg)
     scans = discover(cfg)
     subjects = sorted({s.key.subject for s in scans})
@@ -205,13 +208,13 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     bundle_done = lambda: ((["bundle"], []) if (dest / "model.json").exists()  # noqa: E731
                            else ([], ["bundle"]))
     with interruptible("train", places, bundle_done):
-        return _train(cfg, tcfg, scans, device, dest, t0)
+        return _train(cfg, tcfg, scans, device, dest, t0, crash_dir)
 
 
 def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: str,
-           dest: Path, t0: float) -> RunSummary:
+           dest: Path, t0: float, crash_dir: Path) -> RunSummary:
     good, failed = precheck(scans)
-    done, pfail = run_preprocessing(cfg, good, device)
+    done, pfail = run_preprocessing(cfg, good, device, crash_dir)
     failed.update(pfail)
     summary = RunSummary("train", [ScanStatus(f.scan_id, "failed", f.message, f.code)
                                    for f in failed.values()])
@@ -234,7 +237,9 @@ def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: st
         "model_name": tcfg.name,
         "model_config": dict(tcfg.model_config),
         "preproc": cfg.preproc.to_dict(),
-        "calibration_fraction": tcfg.calibration_fraction,
+        "folds": tcfg.folds,
+        # The T1w file's digest lets scoring recognise a scan of the healthy reference.
+        "sources_sha256": [file_sha256(s.files["T1w"]) for s in ok],
         "dataset": str(cfg.bids_dir.resolve()),
         "seed": cfg.seed,
         "device": device,
@@ -250,10 +255,13 @@ def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: st
     node.inputs.use_gpu = device.startswith("cuda")
     node.overwrite = True  # the bundle is the product: always (re)write it
     wf.add_nodes([node])
-    crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
-    if crashes:
-        _, msg, _ = parse_crash(crashes[-1])
-        raise TrainingError(f"training failed: {msg} (crash file: {crashes[-1]})")
+    _, fit_failed = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir), {"fit": [node]})
+    if fit_failed:
+        f = fit_failed["fit"]
+        where = f" (crash file: {f.crash_file})" if f.crash_file else ""
+        # A data error (e.g. a --resume checkpoint of another run) keeps its exit code 65.
+        error = DataError if f.code == ExitCode.DATA_ERROR else TrainingError
+        raise error(f"training failed: {f.message}{where}")
     summary.scans += [ScanStatus(s.key.scan_id, "ok") for s in ok]
     summary.outputs["bundle"] = str(dest)
     try:
@@ -280,20 +288,80 @@ def resolve_model(model: str, output_dir: Path) -> Path:
     )
 
 
+def _as_bundle_preprocesses(cfg: RunConfig, bundle) -> RunConfig:
+    """``cfg`` with the bundle's preprocessing recipe and contrasts (scoring repeats both)."""
+    from dataclasses import replace
+
+    pre = replace(cfg.preproc, **{k: v for k, v in bundle.card["preprocessing"].items()
+                                  if k in cfg.preproc.to_dict()})
+    return replace(cfg, preproc=pre,
+                   selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
+
+
+def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSummary:
+    """Re-reference a bundle to this dataset's healthy participants (weights untouched)."""
+    from .models.bundle import load_bundle
+
+    t0 = time.perf_counter()
+    crash_dir = setup_run(cfg)
+    device = _resolve_device(cfg)
+    bundle = load_bundle(resolve_model(model, cfg.output_dir))
+    cfg = _as_bundle_preprocesses(cfg, bundle)
+    scans = discover(cfg, needed_by="the model bundle's contrasts")
+    healthy = set(healthy_subjects(cfg.bids_dir, sorted({s.key.subject for s in scans}),
+                                   cfg.selection.healthy_filter))
+    scans = [s for s in scans if s.key.subject in healthy]
+    name = name or f"{bundle.name}-{cfg.bids_dir.resolve().name}"
+    dest = cfg.output_dir / "models" / name
+    places = [(dest, "**/.*.tmp*"), (dest.parent, f".{name}*.tmp*")]
+    bundle_done = lambda: ((["bundle"], []) if (dest / "model.json").exists()  # noqa: E731
+                           else ([], ["bundle"]))
+    with interruptible("calibrate", places, bundle_done):
+        good, failed = precheck(scans)
+        done, pfail = run_preprocessing(cfg, good, device, crash_dir)
+        failed.update(pfail)
+        summary = RunSummary("calibrate", [ScanStatus(f.scan_id, "failed", f.message, f.code)
+                                           for f in failed.values()])
+        ok = [s for s in good if s.key.scan_id in done]
+        if not ok:
+            raise EmptySelectionError("calibrate needs healthy participants that preprocess "
+                                      "cleanly; none did (see the errors above)")
+        wf = Workflow(name=f"calibrate_{node_name('wf', name)}", base_dir=str(cfg.work_dir))
+        node = Node(Recalibrate(), name="calibrate", n_procs=cfg.resources.nprocs, mem_gb=3.0)
+        node.inputs.bundle = str(bundle.path.resolve())
+        node.inputs.preproc = [str(done[s.key.scan_id]) for s in ok]
+        node.inputs.scans = [{"participant": s.key.subject, "scan_id": s.key.scan_id,
+                              "sha256": file_sha256(s.files["T1w"])} for s in ok]
+        node.inputs.dataset = str(cfg.bids_dir.resolve())
+        node.inputs.dest = str(dest.resolve())
+        node.inputs.device = device
+        node.inputs.threads = cfg.resources.nprocs
+        node.inputs.use_gpu = device.startswith("cuda")
+        node.overwrite = True
+        wf.add_nodes([node])
+        _, cal_failed = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir),
+                                      {"calibrate": [node]})
+        if cal_failed:
+            f = cal_failed["calibrate"]
+            raise TrainingError(f"calibration failed: {f.message}")
+    summary.scans += [ScanStatus(s.key.scan_id, "ok") for s in ok]
+    summary.outputs["bundle"] = str(dest)
+    from .reports.training import build_training_report
+
+    summary.outputs["training_report"] = str(build_training_report(dest))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
 def run_participant(cfg: RunConfig, model: str) -> RunSummary:
     """Score every selected scan with a bundle; write derivatives and participant reports."""
     from .models.bundle import load_bundle
 
     t0 = time.perf_counter()
-    setup_run(cfg)
+    crash_dir = setup_run(cfg)
     device = _resolve_device(cfg)
     bundle = load_bundle(resolve_model(model, cfg.output_dir))
-    from dataclasses import replace
-
-    pre = replace(cfg.preproc, **{k: v for k, v in bundle.card["preprocessing"].items()
-                                  if k in cfg.preproc.to_dict()})
-    cfg = replace(cfg, preproc=pre,
-                  selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
+    cfg = _as_bundle_preprocesses(cfg, bundle)
     scans = discover(cfg, needed_by="the model bundle's contrasts")
     places = _subject_places(cfg.output_dir, [s.key.subject for s in scans])
     # Temporaries of these participants are left only by a run that was killed (SIGKILL,
@@ -302,21 +370,21 @@ def run_participant(cfg: RunConfig, model: str) -> RunSummary:
     if stale:
         LOG.warning("removed %d temporary file(s) left by an interrupted run", len(stale))
     with interruptible("participant", places, lambda: _scored(cfg.output_dir, scans)):
-        return _score_scans(cfg, bundle, scans, device, t0)
+        return _score_scans(cfg, bundle, scans, device, t0, crash_dir)
 
 
 def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
-                 t0: float) -> RunSummary:
+                 t0: float, crash_dir: Path) -> RunSummary:
     derivatives.ensure_dataset(cfg.output_dir, cfg.bids_dir)
     prov = provenance(cfg)
     good, failed = precheck(scans)
-    done, pfail = run_preprocessing(cfg, good, device)
+    done, pfail = run_preprocessing(cfg, good, device, crash_dir)
     failed.update(pfail)
     wf = Workflow(name="score_wf", base_dir=str(cfg.work_dir))
     from .models.bundle import CARD, sha256
 
     card_sha = sha256(bundle.path / CARD)
-    names = {}
+    chains: dict[str, list[Node]] = {}  # scan id -> its nodes, in execution order
     threads = cfg.resources.threads_per_node
     for scan in good:
         sid = scan.key.scan_id
@@ -341,11 +409,10 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
         sink.inputs.provenance = prov
         sink.inputs.resolution = int(bundle.card["resolution"])
         wf.connect(score, "files", sink, "files")
-        names[score.name] = sid
-        names[sink.name] = sid
-    if names:
-        crashes = run_workflow(wf, cfg.resources, cfg.output_dir / "logs")
-        for sid, f in failures_from_crashes(crashes, names).items():
+        chains[sid] = [score, sink]
+    if chains:
+        _, sfail = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir), chains)
+        for sid, f in sfail.items():
             if _OUTPUT_ERRNO.search(f.message):  # disk full, read-only, quota, permission
                 f.code = ExitCode.CANNOT_CREATE_OUTPUT
             failed[sid] = f
@@ -357,7 +424,8 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
             derivatives.write_failure(cfg.output_dir, scan.key, f.message, prov)
             summary.scans.append(ScanStatus(sid, "failed", f.message, f.code))
         else:
-            summary.scans.append(ScanStatus(sid, "ok"))
+            summary.scans.append(ScanStatus(sid, "ok", _reference_warning(cfg.output_dir,
+                                                                          scan.key)))
     # Participants asked for by label that have no T1w matching the selection: discovery
     # drops them (the others run); say so instead of finishing silently without them.
     found = {s.key.subject for s in scans}
@@ -373,6 +441,20 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
     summary.outputs.update(build_reports(cfg.output_dir, sorted(found)))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _reference_warning(output_dir: Path, key: ScanKey) -> str:
+    """A warning when the scan was part of the bundle's healthy reference (its record says)."""
+    try:
+        role = json.loads((output_dir / ScanOutputs(key).scores).read_text()).get("in_reference")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if not role:
+        return ""
+    msg = (f"{key.scan_id} was a {role} participant of the model's healthy reference: "
+           "its score is optimistic")
+    LOG.warning(msg)
+    return f"warning: {msg}"
 
 
 def build_reports(output_dir: Path, subjects: list[str]) -> dict[str, str]:

@@ -244,15 +244,19 @@ def _group(bids_dir, output_dir, kw):
 @click.option("--contrasts", default="T1w", show_default=True,
               help="Comma-separated input contrasts (T1w first), e.g. T1w,FLAIR.")
 @click.option("--resume", is_flag=True, help="Continue from the last training checkpoint.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
+              help="k-fold cross-fitting: k models, each calibrated on the participants it "
+                   "never saw, then the shipped model on everyone (capped at the cohort size).")
 @selection_options
 @run_options
 def train_cmd(bids_dir, output_dir, healthy_filter, model_type, model_name, model_config,
-              contrasts, resume, **kw):
+              contrasts, resume, folds, **kw):
     """Train a normative model on healthy participants and write a model bundle.
 
     \b
     The bundle goes to OUTPUT_DIR/models/NAME: model.json (model card), weights.safetensors,
-    calibration on held-out healthy participants, and a training report.
+    the healthy reference (out-of-fold: every healthy participant scored by a fold model that
+    never saw it), and a training report.
     Example:
       bids-anomaly train /data/ixi /data/ixi/derivatives/bids-anomaly --healthy-filter group=control
     """
@@ -270,7 +274,39 @@ def train_cmd(bids_dir, output_dir, healthy_filter, model_type, model_name, mode
             raise UsageError(f"--model-config {model_config} is not valid JSON: {exc}") from exc
     cfg = _build_config(bids_dir, output_dir, kw, contrasts=cons, healthy=healthy_filter)
     summary = run_train(cfg, TrainConfig(model_type=model_type, model_name=model_name,
-                                         model_config=mcfg, resume=resume))
+                                         model_config=mcfg, resume=resume, folds=folds))
+    print_summary(summary)
+    sys.exit(int(summary.exit_code))
+
+
+@main_group.command("calibrate", context_settings=CONTEXT)
+@click.argument("bids_dir", type=click.Path(path_type=Path))
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--model", "-m", required=True,
+              help="Model bundle to re-reference: a path, or a name under OUTPUT_DIR/models.")
+@click.option("--healthy-filter", "--healthy_filter", "healthy_filter", multiple=True,
+              callback=_parse_healthy, metavar="COLUMN=VALUE",
+              help="participants.tsv filter for this site's healthy controls (repeatable; "
+                   "default: all selected participants, with a warning).")
+@click.option("--model-name", "--model_name", "model_name",
+              help="Name of the new bundle under OUTPUT_DIR/models (default: MODEL-<dataset>).")
+@selection_options
+@run_options
+def calibrate_cmd(bids_dir, output_dir, model, healthy_filter, model_name, **kw):
+    """Re-reference a model bundle to a new site's healthy controls (weights untouched).
+
+    \b
+    The bundle's model reconstructs each control; their residuals set new voxel-wise
+    statistics, voxel thresholds and the healthy score distribution. The new bundle
+    (OUTPUT_DIR/models/NAME) names the cohort its scores are relative to.
+    Example:
+      bids-anomaly calibrate /data/siteB /data/siteB/derivatives/bids-anomaly \\
+          --model /models/dae --healthy-filter group=control
+    """
+    from bids_anomaly.runner import run_calibrate
+
+    cfg = _build_config(bids_dir, output_dir, kw, healthy=healthy_filter)
+    summary = run_calibrate(cfg, model, model_name)
     print_summary(summary)
     sys.exit(int(summary.exit_code))
 

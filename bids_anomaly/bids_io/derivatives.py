@@ -7,6 +7,7 @@ are written under a lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,14 +17,17 @@ import pandas as pd
 from .. import __version__
 from ..atomic import atomic_path, file_lock, write_json, write_text
 from ..naming import ScanKey, ScanOutputs, sidecar
+from ..reference import reference_role
+
+LOG = logging.getLogger("bids_anomaly")
 
 # Folder patterns without a trailing slash: that is what bids-validator-deno matches.
 BIDSIGNORE = ["*.html", "figures", "logs", "models", "*_statmap.*", "*_xfm.*",
               "*_clusters.*", "*_scores.json", "group_anomaly.*", "evaluation*", "*.lock"]
 
 GROUP_COLUMNS = ["participant_id", "session_id", "run", "scan_id", "model", "score",
-                 "percentile", "flagged", "status", "error", "n_clusters",
-                 "anomaly_volume_mm3", "report"]
+                 "percentile", "flagged", "reference_scans", "in_reference", "status",
+                 "error", "n_clusters", "anomaly_volume_mm3", "report"]
 
 
 def bids_uri(bids_dir: Path, path: Path) -> str:
@@ -115,9 +119,20 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
     put(files["template_statmap"], out.template_statmap,
         {**stat_meta, "SpatialReference": out.space})
     put(files["native_statmap"], out.native_statmap, stat_meta)
-    mask_meta = {"Sources": src_uris, "Model": model_meta, "Threshold": summary["threshold"],
-                 "FPR": summary["default_fpr"],
-                 "Description": "voxels above the threshold calibrated at this voxel FPR"}
+    mask_meta = {
+        "Sources": src_uris, "Model": model_meta, "Threshold": summary["threshold"],
+        "NominalVoxelFPR": summary["default_fpr"],
+        "MinClusterVoxels": summary.get("min_cluster_voxels"),
+        "Description": "voxels above the threshold, clusters smaller than MinClusterVoxels "
+                       "removed; the threshold is the (1 - NominalVoxelFPR) quantile of the "
+                       "statmap on healthy calibration scans",
+    }
+    observed = summary.get("observed_mask_fpr")
+    reference = summary.get("reference") or {}
+    if observed is not None:
+        # What this mask (after the cluster filter) flagged on those healthy scans.
+        mask_meta["ObservedFPR"] = observed
+        mask_meta["ObservedFPRScans"] = reference.get("n_scans")
     put(files["template_mask"], out.template_mask, {**mask_meta, "SpatialReference": out.space})
     put(files["native_mask"], out.native_mask, mask_meta)
     put(preproc["xfm"], out.xfm, {"Sources": [t1_uri], "Type": "ITK affine (antspyx)",
@@ -143,6 +158,14 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
                                            "default_fpr", "n_clusters", "anomaly_volume_mm3",
                                            "healthy_scores", "model")})
     record["voxel_threshold"] = summary["threshold"]
+    record["observed_mask_fpr"] = summary.get("observed_mask_fpr")
+    record["reference"] = summary.get("reference")
+    role = reference_role(model.get("reference_scans") or {}, Path(sources["T1w"]), bids_dir,
+                          key.subject)
+    record["in_reference"] = role
+    if role:
+        LOG.warning("%s was a %s participant of model %s: its score is optimistic",
+                    key.scan_id, role, model["name"])
     record["provenance"] = provenance
     record["preprocessing"] = summary["preprocessing"]
     record["timings"] = summary["timings"]
@@ -169,14 +192,31 @@ def write_failure(output_dir: Path, key: ScanKey, error: str, provenance: dict) 
 
 
 def collect_records(output_dir: Path) -> list[dict]:
-    """All per-scan score records under OUTPUT_DIR."""
-    recs = []
-    for p in sorted(output_dir.glob("sub-*/**/anat/*_desc-anomaly_scores.json")):
-        try:
-            recs.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            continue
-    return recs
+    """All per-scan score records under OUTPUT_DIR (an unreadable one as a failed record)."""
+    return [read_record(p) for p in
+            sorted(output_dir.glob("sub-*/**/anat/*_desc-anomaly_scores.json"))]
+
+
+def read_record(path: Path) -> dict:
+    """One scan's scores record; status ``failed`` with the file and the problem when it
+    cannot be read, so the scan stays in the group table."""
+    key = _key_from_name(path.name)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"cannot read scores record {path}: {exc}"
+    else:
+        if isinstance(rec, dict) and rec.get("status"):
+            return {**scan_record(key, str(rec["status"])), **rec}
+        msg = f"scores record {path} holds no status (not a bids-anomaly scores record)"
+    LOG.error("%s", msg)
+    return scan_record(key, "failed", msg)
+
+
+def _key_from_name(name: str) -> ScanKey:
+    """The ScanKey in a derivative file name (``sub-01_ses-1_run-2_desc-..._scores.json``)."""
+    ents = dict(part.split("-", 1) for part in name.split("_") if "-" in part)
+    return ScanKey(ents.get("sub", ""), ents.get("ses"), ents.get("run"), ents.get("acq"))
 
 
 def write_group_table(output_dir: Path) -> pd.DataFrame:
@@ -192,6 +232,10 @@ def write_group_table(output_dir: Path) -> pd.DataFrame:
             "score": r.get("score"),
             "percentile": r.get("percentile"),
             "flagged": None if r.get("flagged") is None else str(bool(r["flagged"])).lower(),
+            "reference_scans": (r.get("reference") or {}).get("n_scans",
+                                                             len(r.get("healthy_scores") or [])
+                                                             or None),
+            "in_reference": r.get("in_reference"),
             "status": r["status"],
             "error": r.get("error"),
             "n_clusters": r.get("n_clusters"),
@@ -211,8 +255,15 @@ def write_group_table(output_dir: Path) -> pd.DataFrame:
             "model": {"Description": "name of the model bundle that scored the scan"},
             "score": {"Description": "mean of the top 1% anomaly z-values in the brain"},
             "percentile": {"Description": "percentile of the score among held-out healthy "
-                                          "scans (normal fit)", "Units": "%"},
-            "flagged": {"Description": "true when the percentile is at or above 95"},
+                                          "scans (Student-t predictive distribution of a "
+                                          "normal fit)", "Units": "%"},
+            "flagged": {"Description": "true when the percentile is at or above 95 (n/a when "
+                                       "the healthy reference is too small for a percentile)"},
+            "reference_scans": {"Description": "number of healthy scans the percentile, the "
+                                               "flag and the voxel thresholds rest on"},
+            "in_reference": {"Description": "fit, validation or calibration when this scan was "
+                                            "part of the model's healthy reference (its score "
+                                            "is then optimistic); n/a otherwise"},
             "status": {"Description": "ok or failed"},
             "error": {"Description": "why the scan failed"},
             "n_clusters": {"Description": "number of clusters in the anomaly mask"},

@@ -26,6 +26,9 @@ SCHEMA_VERSION = "1.0"
 WEIGHTS = "weights.safetensors"
 NORMATIVE = "normative.safetensors"
 CARD = "model.json"
+# The digest of every file listed under "files" in the card. Cards written before the
+# algorithm was named (no "checksum_algorithm") used sha256 too.
+CHECKSUM_ALGORITHM = "sha256"
 
 
 def sha256(path: Path) -> str:
@@ -84,9 +87,10 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
         if calibration.normative is not None:
             from safetensors.numpy import save_file as save_arrays
 
-            # float16 halves the size; the maps are smooth and the z-map tolerates 1e-3.
-            save_arrays({"mean": calibration.normative.mean.astype(np.float16),
-                         "sd": calibration.normative.sd.astype(np.float16)},
+            # float16 halves the size; calibration computed its thresholds on these values.
+            dtype = NormativeMaps.STORAGE_DTYPE
+            save_arrays({"mean": calibration.normative.mean.astype(dtype),
+                         "sd": calibration.normative.sd.astype(dtype)},
                         str(tmp / NORMATIVE))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -99,6 +103,7 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
             "contrasts": model.contrasts,
             "shape": list(model.shape),
             "calibration": calibration.to_dict(),
+            "checksum_algorithm": CHECKSUM_ALGORITHM,
             "files": files,
         }
         (tmp / CARD).write_text(json.dumps(full, indent=2, default=str) + "\n")
@@ -139,8 +144,15 @@ def load_bundle(path: Path) -> Bundle:
             f"{card_path}: bundle schema version {version or 'missing'} is not supported "
             f"(this bids-anomaly reads {SCHEMA_VERSION})"
         )
-    for name, digest in card.get("files", {}).items():
-        f = path / name
+    algorithm = card.get("checksum_algorithm", CHECKSUM_ALGORITHM)
+    if algorithm != CHECKSUM_ALGORITHM:
+        raise BundleError(f"{card_path}: checksum algorithm '{algorithm}' is not supported "
+                          f"(this bids-anomaly verifies {CHECKSUM_ALGORITHM})")
+    files = card.get("files", {})
+    if not isinstance(files, dict):
+        raise BundleError(f"{card_path}: 'files' must map file names to checksums")
+    for name, digest in files.items():
+        f = _bundle_file(path, name)
         if not f.is_file():
             raise BundleError(f"model bundle {path}: {name} is missing")
         if sha256(f) != digest:
@@ -161,6 +173,23 @@ def load_bundle(path: Path) -> Bundle:
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BundleError(f"model bundle {path} cannot be loaded: {exc}") from exc
     return Bundle(path, model, card, calibration)
+
+
+def _bundle_file(bundle: Path, name: object) -> Path:
+    """``bundle / name`` for a plain file name of the bundle; anything else is refused.
+
+    A card is data from elsewhere: a name with a folder, ``..``, an absolute path, a hidden
+    name or a link would make the loader read (and hash) a file outside the bundle."""
+    ok = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+          and "\\" not in name and "\0" not in name and not name.startswith("."))
+    if not ok:
+        raise BundleError(f"model bundle {bundle}: {CARD} lists '{name}', which is not a plain "
+                          "file name inside the bundle (refused)")
+    f = bundle / name
+    if f.is_symlink():
+        raise BundleError(f"model bundle {bundle}: {name} is a symbolic link (refused: bundle "
+                          "files must be plain files inside the bundle)")
+    return f
 
 
 def _load_normative(path: Path, model: AnomalyModel) -> NormativeMaps:

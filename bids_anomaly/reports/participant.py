@@ -170,6 +170,15 @@ def _figure(png: bytes, alt: str, caption: str, **attrs: str) -> str:
     return f"<figure>{img(png, alt, **attrs)}<figcaption>{caption}</figcaption></figure>"
 
 
+def _cohort(cohort: object) -> str:
+    """The reference cohort in words: kind, dataset, participants."""
+    if not isinstance(cohort, dict):
+        return NA
+    n = cohort.get("n_participants")
+    return (f"{cohort.get('kind') or 'healthy reference'}: {cohort.get('dataset') or NA}"
+            + (f" ({n} participants)" if n is not None else ""))
+
+
 def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
                   pngs: dict[Path, bytes]) -> str:
     s = rec.scores
@@ -184,10 +193,17 @@ def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
         + (f' <span class="muted small">(n={len(healthy)})</span>' if healthy else "")
         + "</span>",
     ]
+    reference = s.get("reference") if isinstance(s.get("reference"), dict) else {}
+    n_ref = reference.get("n_scans", len(healthy) if healthy else None)
     details = [
         ("flag threshold (score)", fmt_score(s.get("flag_score"))),
+        ("healthy reference", _cohort(reference.get("cohort"))),
+        ("healthy reference scans (percentile, flag, thresholds)", fmt_num(n_ref, 0)),
         ("voxel threshold (z)", fmt_score(s.get("voxel_threshold", s.get("threshold")))),
-        ("voxel false-positive rate", fmt_num(s.get("default_fpr"), 6)),
+        ("voxel false-positive rate (nominal, before the cluster filter)",
+         fmt_num(s.get("default_fpr"), 6)),
+        ("mask false-positive rate observed on the healthy reference",
+         fmt_num(s.get("observed_mask_fpr"), 6)),
         ("clusters", fmt_num(s.get("n_clusters"), 0)),
         ("anomaly volume (mm³)", fmt_num(s.get("anomaly_volume_mm3"), 1)),
         ("model", model.get("name", NA)),
@@ -198,6 +214,14 @@ def _scan_section(output_dir: Path, rec: ScanRecord, level: _Level,
         f"<header><h2>{esc(rec.scan_id)}</h2>{_badge(rec)}{''.join(kpis)}</header>",
         kv_list([(k, v) for k, v in details if not (k == "model" and v == NA)]),
     ]
+    if s.get("in_reference") and not rec.failed:
+        out.append(f'<div class="error" data-testid="in-reference"><b>Optimistic score.</b> '
+                   f"This scan was a {esc(s.get('in_reference'))} participant of the model's "
+                   "healthy reference: the model has seen it, or it set the thresholds it is "
+                   "compared with.</div>")
+    if reference.get("level") in ("warning", "refused") and not rec.failed:
+        out.append(f'<div class="error" data-testid="reference-warning"><b>Small healthy '
+                   f"reference.</b> {esc(reference.get('message', ''))}</div>")
     if rec.failed:
         out.append(f'<div class="error" data-testid="scan-error"><b>Scan failed.</b> '
                    f"{esc(rec.error or 'no error message recorded')}</div>")

@@ -43,7 +43,11 @@ def build_training_report(bundle_dir: Path) -> Path:
                       ("resolution (mm)", card.get("resolution")),
                       ("training dataset", train.get("dataset")),
                       ("training participants", len(train.get("participants", []))),
-                      ("calibration participants", train.get("calibration_participants")),
+                      ("validation participants (choose the epoch)",
+                       train.get("validation_participants")),
+                      ("calibration participants (thresholds, healthy scores)",
+                       train.get("calibration_participants")),
+                      ("epoch chosen on", train.get("epoch_selection")),
                       ("best epoch", train.get("best_epoch")),
                       ("best validation loss", train.get("best_val_loss")),
                       ("device", train.get("device")), ("seconds", train.get("seconds")),
@@ -61,11 +65,24 @@ def build_training_report(bundle_dir: Path) -> Path:
             parts += [img(path.read_bytes(), f"validation {kind}"),
                       f"<p class='muted small'>{'input' if kind == 'input' else 'reconstruction'}"
                       "</p>"]
+    reference = calib.get("reference") or {}
+    observed = calib.get("mask_fpr") or {}
+    n_ref = reference.get("n_scans", len(calib.get("healthy_scores") or []))
     parts += ["<h2>Calibration on held-out healthy participants</h2>",
-              table(["voxel FPR", "threshold (z)"],
-                    [[k, f"{v:.3f}"] for k, v in calib.get("thresholds", {}).items()],
-                    numeric={"threshold (z)"}),
-              f"<p>Default mask threshold: FPR {esc(calib.get('default_fpr'))}.</p>"]
+              f"<p>Thresholds, the healthy score distribution and the flag rest on "
+              f"<b>{esc(n_ref)}</b> healthy scan(s) that neither trained the model nor chose "
+              "its epoch.</p>"]
+    if reference.get("level") in ("warning", "refused"):
+        parts += [f"<div class='error'><b>Small healthy reference.</b> "
+                  f"{esc(reference.get('message'))}</div>"]
+    parts += [table(["voxel FPR (nominal)", "threshold (z)", "mask FPR observed"],
+                    [[k, f"{v:.3f}", f"{observed[k]:.5f}" if k in observed else "n/a"]
+                     for k, v in calib.get("thresholds", {}).items()],
+                    numeric={"threshold (z)", "mask FPR observed"}),
+              f"<p>Default mask threshold: FPR {esc(calib.get('default_fpr'))}. The observed "
+              "rate is what the shipped mask (threshold, then clusters smaller than "
+              f"{esc((calib.get('params') or {}).get('min_cluster_voxels'))} voxels removed) "
+              "flags on the calibration scans.</p>"]
     norm = calib.get("normative_info") or {}
     if norm:
         parts += [f"<p>Statmap: {esc(norm.get('statmap'))}; voxel-wise residual mean and "

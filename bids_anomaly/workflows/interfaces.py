@@ -130,3 +130,35 @@ class Fit(SimpleInterface):
         inputs = FitInputs(preproc_jsons=list(self.inputs.preproc), **self.inputs.spec)
         self._results["bundle"] = str(fit_bundle(inputs, Path(self.inputs.dest)))
         return runtime
+
+
+class _RecalibrateInput(BaseInterfaceInputSpec):
+    bundle = traits.Directory(exists=True, mandatory=True, desc="the bundle to re-reference")
+    preproc = traits.List(File(exists=True), mandatory=True, desc="the controls' preproc.json")
+    scans = traits.List(traits.Dict, mandatory=True, desc="participant, scan_id, sha256 each")
+    dataset = traits.Str(mandatory=True)
+    dest = traits.Str(mandatory=True, desc="bundle directory to write")
+    device = traits.Str("cpu", usedefault=True)
+    threads = traits.Int(1, usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="tells nipype's GPU queue")
+
+
+class Recalibrate(SimpleInterface):
+    """Wraps :func:`bids_anomaly.recalibrate.recalibrate_bundle`."""
+
+    input_spec = _RecalibrateInput
+    output_spec = _FitOutput
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from ..models.bundle import load_bundle
+        from ..recalibrate import ReferenceScan, recalibrate_bundle
+
+        torch.set_num_threads(max(1, self.inputs.threads))
+        scans = [ReferenceScan(js, **meta) for js, meta in zip(self.inputs.preproc,
+                                                                self.inputs.scans)]
+        self._results["bundle"] = str(recalibrate_bundle(
+            load_bundle(Path(self.inputs.bundle)), scans, Path(self.inputs.dest),
+            dataset=self.inputs.dataset, device=self.inputs.device))
+        return runtime
