@@ -287,3 +287,48 @@ def test_submit_chains_the_group_level(tmp_path):
     assert "--dependency=afterany:100" in group.splitlines()
     assert re.search(r"run --cleanenv.*\n.*\n.*/data /out group", group)
     assert (tmp_path / "logs").is_dir()
+
+
+def test_slurm_array_task_native_mode(tmp_path):
+    """IMAGE=none: the installed CLI (BIDS_ANOMALY) with the host paths, no container."""
+    env = _stubs(tmp_path)
+    cli = tmp_path / "bin" / "bids-anomaly-stub"
+    cli.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_DIR/native"\n')
+    cli.chmod(0o755)
+    env.update(IMAGE="none", BIDS_ANOMALY=cli.name, SLURM_ARRAY_TASK_ID="1",
+               SLURM_CPUS_PER_TASK="2", SLURM_MEM_PER_NODE="1024", USE_GPU="1",
+               WORK_ROOT=str(tmp_path / "scratch"), EXTRA_ARGS="--plugin Linear")
+    proc = subprocess.run(["bash", str(CONTAINERS / "slurm_array.sbatch")], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "calls" / "run").exists(), "apptainer must not run"
+    argv = (tmp_path / "calls" / "native").read_text().splitlines()
+    work = tmp_path / "scratch" / "bids-anomaly-work" / "sub-01"
+    assert argv == [env["BIDS_DIR"], env["OUTPUT_DIR"], "participant", "--model", env["MODEL"],
+                    "--participant-label", "01", "-w", str(work), "--nprocs", "2",
+                    "--mem", "1024M", "--device", "cuda", "--plugin", "Linear"]
+
+    env["BIDS_ANOMALY"] = "no-such-command"
+    proc = subprocess.run(["bash", str(CONTAINERS / "slurm_array.sbatch")], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 1 and "not on PATH" in proc.stderr
+
+
+def test_submit_native_with_resources(tmp_path):
+    env = _stubs(tmp_path)
+    env.update(NPROCS="2", MEM="3GB", ARRAY="2", BIDS_ANOMALY="bash")
+    proc = subprocess.run(
+        ["bash", str(CONTAINERS / "submit.sh"), "--native", "--device", "cuda",
+         env["BIDS_DIR"], env["OUTPUT_DIR"], env["MODEL"], "--", "--account=abc"],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    array = (tmp_path / "calls" / "sbatch_100").read_text().splitlines()
+    group = (tmp_path / "calls" / "sbatch_101").read_text()
+    assert array[:array.index("--- stdin")] == [
+        "--parsable", "--cpus-per-task=2", "--mem=3G", "--gres=gpu:1", "--account=abc",
+        "--array=2%50", str(CONTAINERS / "slurm_array.sbatch")]
+    assert '"${BIDS_ANOMALY}" "${BIDS_DIR}" "${OUTPUT_DIR}" group' in group
+    assert "apptainer" not in group and "--dependency=afterany:100" in group.splitlines()
