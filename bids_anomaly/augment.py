@@ -17,6 +17,15 @@ skipped, so training is bit-for-bit what it was before these were added):
 ``aug_affine``  rotation up to ±aug_affine degrees and isotropic scaling up to ±aug_affine % about
                 the slice centre (``affine_grid``/``grid_sample``; bilinear for the image,
                 nearest for the mask).
+
+Domain randomisation (what differs between scanners and protocols and is not disease; off by
+default, and the target follows the input, so the network learns to reconstruct a scan of
+another contrast or resolution faithfully instead of calling it anomalous):
+
+``aug_contrast`` a random monotone intensity curve (piecewise linear through 4 inner control
+                 points displaced by up to ±aug_contrast of the range): tissue contrast changes;
+``aug_blur``     Gaussian blur with a sigma up to aug_blur voxels, separately per axis: thick
+                 slices and lower resolution.
 """
 
 from __future__ import annotations
@@ -77,6 +86,45 @@ def affine(x: torch.Tensor, m: torch.Tensor, degrees: float, gen: torch.Generato
     return xo, mo
 
 
+def contrast_curve(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """A random monotone piecewise-linear curve per slice on [0, top] (top: the batch's 99.9th
+    percentile); values above ``top`` keep the last segment's slope."""
+    n = x.shape[0]
+    top = float(torch.quantile(x.detach().flatten()[::7].float(), 0.999)) or 1.0
+    knots = torch.linspace(0, 1, 6)
+    inner = knots[1:-1] + (torch.rand(n, 4, generator=gen) * 2 - 1) * strength
+    ys = torch.cat([torch.zeros(n, 1), inner.sort(dim=1).values.clamp(0.02, 0.98),
+                    torch.ones(n, 1)], dim=1).to(x.device, x.dtype)
+    t = (x / top).clamp(min=0)
+    pos = (t * 5).clamp(max=5 - 1e-6)
+    i = pos.floor().long()
+    frac = pos - i
+    idx = i.view(n, -1)
+    lo = ys.gather(1, idx).view_as(x)
+    hi = ys.gather(1, idx + 1).view_as(x)
+    beyond = (t - 1).clamp(min=0) * (ys[:, 5] - ys[:, 4]).view(n, 1, 1, 1) * 5
+    return top * (lo + frac * (hi - lo) + beyond)
+
+
+def gaussian_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """Separable Gaussian blur, sigma drawn in [0, max_sigma] per slice and axis."""
+    n = x.shape[0]
+    radius = max(1, int(math.ceil(2.5 * max_sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    out = x
+    for dim in (-2, -1):
+        sigma = torch.rand(n, generator=gen) * max_sigma + 1e-3
+        k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+        k = (k / k.sum(dim=1, keepdim=True)).to(x.device, x.dtype)  # (n, 2r+1)
+        c = out.shape[1]
+        shape = (n * c, 1, 1, -1) if dim == -1 else (n * c, 1, -1, 1)
+        weight = k.repeat_interleave(c, dim=0).view(shape)
+        pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
+        flat = F.pad(out.reshape(1, n * c, *out.shape[2:]), pad, mode="replicate")
+        out = F.conv2d(flat, weight, groups=n * c).view_as(out)
+    return out
+
+
 def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generator):
     """All augmentations a model's hyper-parameters ask for (missing keys: off, except shift
     flips which always run). The image is re-masked so nothing leaks outside the brain."""
@@ -90,6 +138,12 @@ def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generat
     b = float(hp.get("aug_bias", 0.0))
     if b > 0:
         x = bias_field(x, b, gen)
-    if deg > 0 or g > 0 or b > 0:
+    c = float(hp.get("aug_contrast", 0.0))
+    if c > 0:
+        x = contrast_curve(x, c, gen)
+    blur = float(hp.get("aug_blur", 0.0))
+    if blur > 0:
+        x = gaussian_blur(x, blur, gen)
+    if deg > 0 or g > 0 or b > 0 or c > 0 or blur > 0:
         x = x * m
     return x, m

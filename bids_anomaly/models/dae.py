@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .base import register
 from .slice_model import SLICE_DEFAULTS, SliceModel
+from .synthetic_anomalies import insert_anomalies
 
 
 def coarse_noise(x: torch.Tensor, std: float, scale: int,
@@ -31,6 +34,12 @@ class DAEModel(SliceModel):
         "strides": [2, 2, 2],
         "noise_std": 0.5,  # 0.2 left lesions half-reconstructed (quality bench)
         "noise_scale": 8,
+        # Dropout on the U-Net's top (half-resolution) skip connection: 1.0 removes it, so
+        # sharp-edged content must pass the bottleneck; 0 keeps the plain MONAI U-Net.
+        "skip_dropout": 0.0,
+        # Probability that a training slice gets a synthetic anomaly to restore
+        # (:mod:`.synthetic_anomalies`); 0: coarse noise only.
+        "anomaly_p": 0.0,
     }
 
     def __init__(self, contrasts, shape, hparams=None):
@@ -46,7 +55,34 @@ class DAEModel(SliceModel):
             num_res_units=0,
             norm="instance",
         )
+        p = float(self.hparams["skip_dropout"])
+        if p > 0:  # the outermost SkipConnection of MONAI's UNet: (down, skip, up)
+            self.net.model[1] = TopSkipDropout(self.net.model[1].submodule, p)
+
+    def crop_multiple(self) -> tuple[int, str]:
+        return math.prod(int(s) for s in self.hparams["strides"]), "the product of strides"
 
     def make_input(self, clean: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
+        x = clean
+        if float(self.hparams["anomaly_p"]) > 0:
+            x = insert_anomalies(clean, mask, float(self.hparams["anomaly_p"]), gen)
         noise = coarse_noise(clean, self.hparams["noise_std"], self.hparams["noise_scale"], gen)
-        return clean + noise * mask
+        return x + noise * mask
+
+
+class TopSkipDropout(torch.nn.Module):
+    """MONAI's SkipConnection (concatenate input and submodule output) with channel dropout
+    on the input half; at ``p`` = 1 the input half is always zero (no skip at all)."""
+
+    def __init__(self, submodule: torch.nn.Module, p: float):
+        super().__init__()
+        self.submodule = submodule
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.submodule(x)
+        if self.p >= 1.0:
+            skip = torch.zeros_like(x)
+        else:
+            skip = F.dropout2d(x, self.p, self.training)
+        return torch.cat([skip, y], dim=1)
