@@ -35,6 +35,11 @@ def load_volume(result: PreprocResult, contrasts: list[str]) -> tuple[np.ndarray
     return np.stack(chans), mask
 
 
+# Scoring choices of new bundles (older cards keep theirs): every scan's healthy majority sets
+# its own z baseline (see scoring.scan_baseline; measured in benchmarks/model_search.py).
+DEFAULT_SCORING = {"scan_baseline": True}
+
+
 @dataclass(frozen=True)
 class ParticipantSplit:
     """Which healthy participants do what; the three sets never overlap.
@@ -174,7 +179,8 @@ def fit_bundle(inputs: FitInputs, dest: Path,
                       "best_val_loss": history_k.get("best_val_loss"),
                       "epochs_run": len(history_k.get("history", []))})
         del model_k
-    calib = calibrate_out_of_fold(residuals, masks, ScoringParams(**(inputs.scoring or {})),
+    scoring = {**DEFAULT_SCORING, **(inputs.scoring or {})}
+    calib = calibrate_out_of_fold(residuals, masks, ScoringParams(**scoring),
                                   participants=owners)
     del residuals
     reference = calib.reference

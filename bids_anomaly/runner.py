@@ -298,8 +298,9 @@ def _as_bundle_preprocesses(cfg: RunConfig, bundle) -> RunConfig:
                    selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
 
 
-def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSummary:
-    """Re-reference a bundle to this dataset's healthy participants (weights untouched)."""
+def _start_bundle_run(cfg: RunConfig, model: str):
+    """What every run with a bundle starts with: (start time, crash folder, device, bundle,
+    the config with the bundle's recipe, the scans it selects)."""
     from .models.bundle import load_bundle
 
     t0 = time.perf_counter()
@@ -307,7 +308,12 @@ def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSum
     device = _resolve_device(cfg)
     bundle = load_bundle(resolve_model(model, cfg.output_dir))
     cfg = _as_bundle_preprocesses(cfg, bundle)
-    scans = discover(cfg, needed_by="the model bundle's contrasts")
+    return t0, crash_dir, device, bundle, cfg, discover(cfg, "the model bundle's contrasts")
+
+
+def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSummary:
+    """Re-reference a bundle to this dataset's healthy participants (weights untouched)."""
+    t0, crash_dir, device, bundle, cfg, scans = _start_bundle_run(cfg, model)
     healthy = set(healthy_subjects(cfg.bids_dir, sorted({s.key.subject for s in scans}),
                                    cfg.selection.healthy_filter))
     scans = [s for s in scans if s.key.subject in healthy]
@@ -355,14 +361,7 @@ def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSum
 
 def run_participant(cfg: RunConfig, model: str) -> RunSummary:
     """Score every selected scan with a bundle; write derivatives and participant reports."""
-    from .models.bundle import load_bundle
-
-    t0 = time.perf_counter()
-    crash_dir = setup_run(cfg)
-    device = _resolve_device(cfg)
-    bundle = load_bundle(resolve_model(model, cfg.output_dir))
-    cfg = _as_bundle_preprocesses(cfg, bundle)
-    scans = discover(cfg, needed_by="the model bundle's contrasts")
+    t0, crash_dir, device, bundle, cfg, scans = _start_bundle_run(cfg, model)
     places = _subject_places(cfg.output_dir, [s.key.subject for s in scans])
     # Temporaries of these participants are left only by a run that was killed (SIGKILL,
     # node loss): nothing else writes them, so they are removed before resuming.

@@ -235,7 +235,12 @@ def test_bids_validator_accepts_outputs(pipeline):
 #   dae (10 epochs, seeds 0 / 1 / 2): unshifted at most 0.023, one voxel 0.048 / 0.041 / 0.061
 #   for p01 (its map is smoother: a 3 mm shift is at the resolution of the oracle Dice), two
 #   voxels >= 0.142 for both patients.
-ALIGNMENT = {"zscore": ("zout", 1), "dae": ("out", 2)}
+#   dae without its top skip (the default since): unshifted -0.001 for p01, oracle Dice 0.48.
+# The oracle-Dice floor only says the map finds the lesion at all (chance: the prevalence,
+# ~0.01), so that a misalignment would show.
+# The dae (smoother map) is held to a tighter agreement (0.035): its 2-voxel control moved
+# the oracle Dice by 0.049 for p01.
+ALIGNMENT = {"zscore": ("zout", 1, 0.5, 0.05), "dae": ("out", 2, 0.35, 0.035)}
 
 
 @pytest.mark.parametrize("model", sorted(ALIGNMENT))
@@ -244,25 +249,25 @@ def test_native_maps_align_with_the_input(pipeline, tmp_path, model):
 
     The synthetic patients sit in a random pose on their own 3 mm grid; their lesion mask is
     on that native grid. The oracle Dice of the native statmap (native brain mask) must match,
-    within 0.05, the oracle Dice of the template statmap against the lesion brought into
-    template space with the saved forward transform (template brain mask; evaluated at the
-    native voxel size, see ``native_template_agreement``). The geometry of ``to_native`` is
-    shared, but the learned model's map comes through its own crop and slicing, so both
-    models are checked. Control: the same native map shifted by one voxel (3 mm; the dae:
-    two voxels, see ALIGNMENT) fails the check.
+    within a tolerance (0.05; the dae 0.035), the oracle Dice of the template statmap against
+    the lesion brought into template space with the saved forward transform (template brain
+    mask; evaluated at the native voxel size, see ``native_template_agreement``). The geometry
+    of ``to_native`` is shared, but the learned model's map comes through its own crop and
+    slicing, so both models are checked. Control: the same native map shifted by one voxel
+    (3 mm; the dae: two voxels, see ALIGNMENT) fails the check.
     """
     from bids_anomaly.evaluation import native_template_agreement
     from bids_anomaly.naming import ScanKey, ScanOutputs
 
-    folder, shift = ALIGNMENT[model]
+    folder, shift, floor, tolerance = ALIGNMENT[model]
     out, labels = pipeline[folder], pipeline["cohort"].labels_dir
     for s in ("p01", "p02"):
         key = ScanKey(s)
         a = native_template_agreement(out, labels, key, work_dir=tmp_path)
         where = f"{model} sub-{s}: {a}"
         print(where)
-        assert abs(a["difference"]) <= 0.05, where
-        assert a["native_oracle_dice"] > 0.5, where  # chance level is the lesion prevalence
+        assert abs(a["difference"]) <= tolerance, where
+        assert a["native_oracle_dice"] > floor, where  # chance: the lesion prevalence
         assert a["template_voxel_mm"] == pytest.approx(3.0)
         assert a["native_lesion_ml"] > 1 and a["template_lesion_ml"] > 1, where
 
@@ -273,7 +278,7 @@ def test_native_maps_align_with_the_input(pipeline, tmp_path, model):
         nb.save(nb.Nifti1Image(np.roll(np.asarray(img.dataobj), shift, axis=0), img.affine),
                 stat_path)
         bad = native_template_agreement(shifted, labels, key, work_dir=tmp_path)
-        assert bad["difference"] > 0.05, f"{model} sub-{s} shifted by {shift}: {bad}"
+        assert bad["difference"] > tolerance, f"{model} sub-{s} shifted by {shift}: {bad}"
 
 
 def test_evaluate_adds_section_to_group_report(pipeline):

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
-import pandas as pd
 import pytest
 
 from .conftest import tree_hash
+from .derivatives_compare import assert_same_outputs
 
 SUBJECTS = ("t01", "p01")
-VOLATILE = {"date", "provenance", "Date", "DateTime", "command", "GeneratedBy", "report",
-            "timings"}  # wall-clock seconds and dates differ between runs
 
 
 def cmd(*args):
@@ -88,35 +86,6 @@ def assert_complete(out: Path, allow_temp: bool = False) -> None:
     for p in out.rglob("*.json"):
         if ".tmp" not in p.name:
             json.loads(p.read_text())
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def assert_same_outputs(ref: Path, out: Path) -> None:
-    """Same files; identical voxel arrays and affines; same tables and sidecars (no dates)."""
-    def files(root):
-        return sorted(p.relative_to(root) for p in root.glob("sub-*/**/*") if p.is_file())
-
-    assert files(ref) == files(out)
-    for rel in files(ref):
-        a, b = ref / rel, out / rel
-        if a.name.endswith(".nii.gz"):
-            ia, ib = nb.load(a), nb.load(b)
-            np.testing.assert_array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj),
-                                          err_msg=str(rel))
-            np.testing.assert_array_equal(ia.affine, ib.affine, err_msg=str(rel))
-        elif a.suffix == ".json":
-            assert _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())), rel
-        elif a.suffix == ".tsv":
-            pd.testing.assert_frame_equal(pd.read_csv(a, sep="\t"), pd.read_csv(b, sep="\t"))
-        elif a.suffix == ".mat":
-            assert a.read_bytes() == b.read_bytes(), rel
 
 
 def test_sigkill_then_resume_is_identical(fx, tmp_path):

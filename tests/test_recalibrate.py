@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-import nibabel as nb
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -12,7 +12,6 @@ from scipy import ndimage
 from bids_anomaly.config import PreprocConfig
 from bids_anomaly.fit import FitInputs, fit_bundle
 from bids_anomaly.models.bundle import load_bundle
-from bids_anomaly.preprocessing.pipeline import PreprocResult
 from bids_anomaly.preprocessing.standardise import standardise_for_bundle
 from bids_anomaly.recalibrate import ReferenceScan, recalibrate_bundle
 from bids_anomaly.reference import file_sha256, reference_role
@@ -36,21 +35,9 @@ def _scan(template, rng, site: str) -> np.ndarray:
 
 
 def _write(tmp_path, template, images: list[np.ndarray], prefix: str):
-    mask_path = tmp_path / "mask.nii.gz"
-    if not mask_path.exists():
-        nb.save(nb.Nifti1Image(template.mask.astype(np.uint8), template.affine), mask_path)
-    out = []
-    for k, img in enumerate(images):
-        path = tmp_path / f"{prefix}{k}_T1w.nii.gz"
-        nb.save(nb.Nifti1Image(img, template.affine), path)
-        res = PreprocResult(native_ref=str(path), native_brain_mask=str(mask_path), xfm="",
-                            template_brain_mask=str(mask_path),
-                            template_images={"T1w": str(path)}, brain_extraction="none",
-                            brain_volume_ml=1.0)
-        js = tmp_path / f"{prefix}{k}.json"
-        res.save(js)
-        out.append((str(js), str(path)))
-    return out
+    from .model_inputs import write_preprocessed
+
+    return write_preprocessed(tmp_path, template.affine, images, template.mask, prefix)
 
 
 def _mask_fpr(bundle, images, template) -> float:
@@ -80,17 +67,20 @@ def sites(tmp_path_factory):
                        scan_ids=[f"sub-a{k}" for k in range(8)], contrasts=["T1w"],
                        model_type="zscore", model_name="z", model_config={},
                        preproc=PreprocConfig().to_dict(), folds=4, dataset="site-A", seed=0,
-                       device="cpu", threads=1, checkpoint=None, resume=False)
+                       device="cpu", threads=1, checkpoint=None, resume=False,
+                       scoring={"scan_baseline": False})
+    # Without the per-scan baseline, so that what calibrate does is seen on its own.
     bundle = load_bundle(fit_bundle(inputs, tmp / "site-a"))
     b_files = _write(tmp, template, b, "b")
     scans = [ReferenceScan(j, f"b{k}", f"sub-b{k}", file_sha256(p))
              for k, (j, p) in enumerate(b_files[:5])]
     new = load_bundle(recalibrate_bundle(bundle, scans, tmp / "site-b", dataset="site-B"))
-    return template, a, b, b_files, bundle, new
+    with_baseline = load_bundle(fit_bundle(replace(inputs, scoring=None), tmp / "site-a2"))
+    return template, a, b, b_files, bundle, new, with_baseline
 
 
 def test_calibrate_keeps_the_weights_and_names_the_new_reference(sites):
-    _, _, _, b_files, bundle, new = sites
+    _, _, _, b_files, bundle, new, _ = sites
     assert new.weights_sha256 == bundle.weights_sha256
     cohort = new.card["reference_cohort"]
     assert cohort["dataset"] == "site-B" and cohort["participants"] == [f"b{k}" for k in range(5)]
@@ -110,7 +100,7 @@ def test_calibrate_keeps_the_weights_and_names_the_new_reference(sites):
 def test_calibrate_brings_a_new_site_to_its_nominal_rate(sites):
     """Site B's other healthy scans: far above the nominal 1% voxel rate against site A's
     reference, within a factor 2 of it after calibrating on five of site B's controls."""
-    template, a, b, _, bundle, new = sites
+    template, a, b, _, bundle, new, _ = sites
     for cal in (bundle.calibration, new.calibration):
         cal.default_fpr = "0.01"
     before = _mask_fpr(bundle, b[5:], template)
@@ -161,3 +151,14 @@ def test_calibrate_command_end_to_end(tiny_cohort, tmp_path):
             assert rec["in_reference"] == role
             assert rec["reference"]["cohort"]["kind"].startswith("site calibration")
             assert rec["reference"]["n_scans"] == len(cohort["scans"])
+
+
+def test_the_per_scan_baseline_keeps_a_shifted_site_quiet_without_calibrate(sites):
+    """The default z baseline (each scan's healthy majority sets its own median and spread)
+    keeps site B's healthy scans at or below the nominal rate against site A's reference."""
+    template, _, b, _, _, _, with_baseline = sites
+    assert with_baseline.calibration.params.scan_baseline
+    with_baseline.calibration.default_fpr = "0.01"
+    rate = _mask_fpr(with_baseline, b[5:], template)
+    print(f"site B healthy mask FPR at nominal 1% with the per-scan baseline: {rate:.5f}")
+    assert rate <= 0.02

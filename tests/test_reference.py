@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import nibabel as nb
 import numpy as np
 import pytest
 import torch
@@ -66,31 +65,22 @@ def probe_model():
 
 def _preproc_cohort(tmp_path, n: int):
     """``n`` template-space scans on disk; participant k's brain mask lacks k voxels."""
-    from bids_anomaly.preprocessing.pipeline import PreprocResult
     from bids_anomaly.templates import load_template
+
+    from .model_inputs import write_preprocessed
 
     template = load_template(2)
     SEEN["full"] = int(template.mask.sum())
     inside = np.argwhere(template.mask)
-    jsons, subjects = [], []
     rng = np.random.default_rng(0)
+    masks, images = [], []
     for k in range(n):
         mask = template.mask.copy()
         mask[tuple(inside[: k + 1].T)] = False
-        mask_path = tmp_path / f"s{k}_mask.nii.gz"
-        nb.save(nb.Nifti1Image(mask.astype(np.uint8), template.affine), mask_path)
-        img = mask * (1 + 0.1 * rng.standard_normal(template.shape))
-        path = tmp_path / f"s{k}_T1w.nii.gz"
-        nb.save(nb.Nifti1Image(img.astype(np.float32), template.affine), path)
-        res = PreprocResult(native_ref=str(path), native_brain_mask=str(mask_path), xfm="",
-                            template_brain_mask=str(mask_path),
-                            template_images={"T1w": str(path)}, brain_extraction="none",
-                            brain_volume_ml=1.0)
-        js = tmp_path / f"s{k}.json"
-        res.save(js)
-        jsons.append(str(js))
-        subjects.append(f"{k + 1}")
-    return jsons, subjects
+        masks.append(mask)
+        images.append(mask * (1 + 0.1 * rng.standard_normal(template.shape)))
+    files = write_preprocessed(tmp_path, template.affine, images, masks)
+    return [j for j, _ in files], [f"{k + 1}" for k in range(n)]
 
 
 def test_folds_keep_fit_validation_and_calibration_apart():
@@ -294,3 +284,23 @@ def test_reconstruction_is_float32_whatever_autocast_the_caller_enabled():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         under = model.reconstruct(vols[0], masks[0])
     np.testing.assert_array_equal(ref, under)
+
+
+def test_a_card_from_before_a_new_default_loads_as_it_was_trained(tmp_path):
+    """The dae's top skip is removed by default now; a card that predates the key must load
+    the network it was trained as (with the skip), not today's default."""
+    from tests.model_inputs import SHAPE, tiny_volumes
+
+    vols, masks = tiny_volumes(3)
+    old = get_model_class("dae")(["T1w"], SHAPE, {"crop": [32, 40], "skip_dropout": 0.0})
+    cal = calibrate(old, vols[2:], masks[2:], ScoringParams(erosion=0, median_size=1))
+    card = {"name": "d", "template": "MNI152NLin2009aSym", "resolution": 2}
+    path = save_bundle(tmp_path / "b", old, card, cal)
+    full = json.loads((path / CARD).read_text())
+    del full["hyperparameters"]["skip_dropout"], full["hyperparameters"]["anomaly_p"]
+    (path / CARD).write_text(json.dumps(full))
+    loaded = load_bundle(path)
+    assert loaded.model.hparams["skip_dropout"] == 0.0
+    np.testing.assert_array_equal(loaded.model.reconstruct(vols[0], masks[0]),
+                                  old.reconstruct(vols[0], masks[0]))
+    assert get_model_class("dae").defaults["skip_dropout"] == 1.0

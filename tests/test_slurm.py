@@ -32,11 +32,10 @@ import sysconfig
 import time
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
 import pandas as pd
 import pytest
 
+from .derivatives_compare import assert_same_outputs
 from .slurm_cluster import ClusterUnavailable, SlurmCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +44,6 @@ SUBMIT = CONTAINERS / "submit.sh"
 TIMEOUT = 600
 BROKEN = "p01"  # participants.tsv row 4: array task 4
 # Wall-clock values and run-specific provenance, which differ between two runs.
-VOLATILE = {"date", "provenance", "Date", "DateTime", "command", "GeneratedBy", "report",
-            "timings"}
 
 
 def _scripts() -> str:
@@ -155,37 +152,6 @@ def cohort(tmp_path_factory):
 # -- comparing derivatives --------------------------------------------------------------------
 
 
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def assert_same_derivatives(ref: Path, out: Path, subjects: list[str]) -> None:
-    """Same files per participant; equal voxels and affines, sidecars and tables."""
-    for sub in subjects:
-        def files(root, sub=sub):
-            return sorted(p.relative_to(root) for p in (root / sub).rglob("*") if p.is_file())
-
-        assert files(ref) == files(out), sub
-        for rel in files(ref):
-            a, b = ref / rel, out / rel
-            if a.name.endswith(".nii.gz"):
-                ia, ib = nb.load(a), nb.load(b)
-                np.testing.assert_array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj),
-                                              err_msg=str(rel))
-                np.testing.assert_array_equal(ia.affine, ib.affine, err_msg=str(rel))
-            elif a.suffix == ".json":
-                assert _strip(json.loads(a.read_text())) == _strip(json.loads(b.read_text())), rel
-            elif a.suffix == ".tsv":
-                pd.testing.assert_frame_equal(pd.read_csv(a, sep="\t"),
-                                              pd.read_csv(b, sep="\t"), obj=str(rel))
-            elif a.suffix == ".mat":
-                assert a.read_bytes() == b.read_bytes(), rel
-
-
 def _group_table(out: Path) -> pd.DataFrame:
     df = pd.read_csv(out / "group_anomaly.tsv", sep="\t")
     return df.sort_values("participant_id").reset_index(drop=True)
@@ -280,7 +246,8 @@ def test_submit_array_then_group_with_failed_task_resubmitted(cluster, cohort, t
     assert proc.returncode == 0 and "nothing to re-submit" in proc.stdout, proc.stderr
 
     # The dataset is complete and equals the plain local run.
-    assert_same_derivatives(cohort["ref"], out, labels)
+    for sub in labels:
+        assert_same_outputs(cohort["ref"], out, f"{sub}/**/*")
     pd.testing.assert_frame_equal(_group_table(out), _group_table(cohort["ref"]))
     assert set(_group_table(out).status) == {"ok"}
     # A successful task removes its work dir; none is left.
@@ -317,7 +284,7 @@ def test_nipype_slurm_plugin_matches_multiproc(cluster, cohort, tmp_path):
     assert {r["JobState"] for r in jobs} == {"COMPLETED"}
     want = re.search(r"--cpus-per-task=(\d+)", args["sbatch_args"]).group(1)
     assert all(f"cpu={want}" in r["Tres"] for r in jobs), [r["Tres"] for r in jobs]
-    assert_same_derivatives(cohort["ref"], out, ["sub-p01"])
+    assert_same_outputs(cohort["ref"], out, "sub-p01/**/*")
 
 
 # -- resource requests: submit.sh --dry-run (no cluster) -------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nb
 import numpy as np
 import pytest
 
@@ -135,26 +134,17 @@ def test_fit_bundle_learns_on_fit_participants_and_records_it(tmp_path):
     from bids_anomaly.config import PreprocConfig
     from bids_anomaly.fit import FitInputs, fit_bundle
     from bids_anomaly.models.bundle import load_bundle
-    from bids_anomaly.preprocessing.pipeline import PreprocResult
     from bids_anomaly.templates import load_template
+
+    from .model_inputs import write_preprocessed
 
     template = load_template(2)
     rng = np.random.default_rng(0)
-    mask_path = tmp_path / "mask.nii.gz"
-    nb.save(nb.Nifti1Image(template.mask.astype(np.uint8), template.affine), mask_path)
-    jsons, subjects = [], []
-    for k in range(4):
-        img = template.t1 * rng.uniform(0.5, 2.0) * (1 + 0.05 * rng.standard_normal(template.shape))
-        path = tmp_path / f"s{k}_T1w.nii.gz"
-        nb.save(nb.Nifti1Image(normalise_intensity(img, template.mask), template.affine), path)
-        res = PreprocResult(native_ref=str(path), native_brain_mask=str(mask_path), xfm="",
-                            template_brain_mask=str(mask_path),
-                            template_images={"T1w": str(path)}, brain_extraction="none",
-                            brain_volume_ml=1.0)
-        js = tmp_path / f"s{k}.json"
-        res.save(js)
-        jsons.append(str(js))
-        subjects.append(f"sub-{k}")
+    images = [normalise_intensity(template.t1 * rng.uniform(0.5, 2.0)
+                                  * (1 + 0.05 * rng.standard_normal(template.shape)),
+                                  template.mask) for _ in range(4)]
+    jsons = [j for j, _ in write_preprocessed(tmp_path, template.affine, images, template.mask)]
+    subjects = [f"sub-{k}" for k in range(4)]
     inputs = FitInputs(preproc_jsons=jsons, subjects=subjects, scan_ids=subjects,
                        contrasts=["T1w"], model_type="zscore", model_name="z", model_config={},
                        preproc=PreprocConfig().to_dict(), folds=2,

@@ -53,6 +53,9 @@ class AnomalyModel(ABC):
     type_name: ClassVar[str]
     learned: ClassVar[bool] = True
     defaults: ClassVar[dict] = {}
+    # Values a hyper-parameter had before it existed: a card written then lacks the key and
+    # must load as it was trained, not with today's default.
+    legacy_defaults: ClassVar[dict] = {}
 
     def __init__(self, contrasts: list[str], shape: tuple[int, int, int],
                  hparams: dict | None = None):

@@ -8,7 +8,6 @@ safetensors only; nothing is unpickled, so a bundle from elsewhere cannot run co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BundleError
+from ..reference import file_sha256 as sha256
 from ..scoring import Calibration, NormativeMaps
 from .base import AnomalyModel, get_model_class
 
@@ -29,14 +29,6 @@ CARD = "model.json"
 # The digest of every file listed under "files" in the card. Cards written before the
 # algorithm was named (no "checksum_algorithm") used sha256 too.
 CHECKSUM_ALGORITHM = "sha256"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -164,7 +156,8 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(f"model bundle {path}: {WEIGHTS} is not listed in {CARD}")
     try:
         cls = get_model_class(card["model_type"])
-        model = cls(card["contrasts"], tuple(card["shape"]), card["hyperparameters"])
+        hparams = {**cls.legacy_defaults, **card["hyperparameters"]}
+        model = cls(card["contrasts"], tuple(card["shape"]), hparams)
         state = load_file(str(path / WEIGHTS))
         model.load_state_dict(state)
         calibration = Calibration.from_dict(card["calibration"])

@@ -35,12 +35,15 @@ class DAEModel(SliceModel):
         "noise_std": 0.5,  # 0.2 left lesions half-reconstructed (quality bench)
         "noise_scale": 8,
         # Dropout on the U-Net's top (half-resolution) skip connection: 1.0 removes it, so
-        # sharp-edged content must pass the bottleneck; 0 keeps the plain MONAI U-Net.
-        "skip_dropout": 0.0,
+        # sharp-edged content must pass the bottleneck; 0 keeps the plain MONAI U-Net (and
+        # bundles written before this key existed, whose cards lack it, load as 0).
+        "skip_dropout": 1.0,
         # Probability that a training slice gets a synthetic anomaly to restore
         # (:mod:`.synthetic_anomalies`); 0: coarse noise only.
         "anomaly_p": 0.0,
     }
+
+    legacy_defaults = {"skip_dropout": 0.0, "anomaly_p": 0.0}
 
     def __init__(self, contrasts, shape, hparams=None):
         super().__init__(contrasts, shape, hparams)
