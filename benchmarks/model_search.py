@@ -277,7 +277,8 @@ def table(cache: Path) -> None:
                 agg[c] = f"{np.mean(vals):.3f}±{np.std(vals):.3f}" if len(vals) > 1 \
                     else f"{vals[0]:.3f}"
         out.append(agg)
-    print("n: healthy = 2 held-out IXI scans; shift = 18 shifted copies of them; ixi-lesion = 6 "
+    print("n: healthy = 2 held-out IXI scans; shift = their shifted copies (count in "
+          "shift_flagged); ixi-lesion = 6 "
           "lesioned copies; brats2015 = 6; openms = 1 (outside: its brain away from the "
           "lesions, another scanner); nichart = 23 elderly (WMH and ageing: not healthy); "
           "FPR = shipped mask (nominal 0.1%) over the eroded brain")
