@@ -132,18 +132,17 @@ def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generat
     deg = float(hp.get("aug_affine", 0.0))
     if deg > 0:
         x, m = affine(x, m, deg, gen)
-    g = float(hp.get("aug_gamma", 0.0))
-    if g > 0:
-        x = intensity_gamma(x, g, gen)
-    b = float(hp.get("aug_bias", 0.0))
-    if b > 0:
-        x = bias_field(x, b, gen)
-    c = float(hp.get("aug_contrast", 0.0))
-    if c > 0:
-        x = contrast_curve(x, c, gen)
-    blur = float(hp.get("aug_blur", 0.0))
-    if blur > 0:
-        x = gaussian_blur(x, blur, gen)
-    if deg > 0 or g > 0 or b > 0 or c > 0 or blur > 0:
+    changed = deg > 0
+    for key, transform in _INTENSITY:  # in this order: the draws follow it
+        strength = float(hp.get(key, 0.0))
+        if strength > 0:
+            x = transform(x, strength, gen)
+            changed = True
+    if changed:
         x = x * m
     return x, m
+
+
+# Intensity transforms (image only) by hyper-parameter, in the order they are applied.
+_INTENSITY = (("aug_gamma", intensity_gamma), ("aug_bias", bias_field),
+              ("aug_contrast", contrast_curve), ("aug_blur", gaussian_blur))

@@ -204,21 +204,33 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     healthy = set(healthy_subjects(cfg.bids_dir, subjects, cfg.selection.healthy_filter))
     scans = [s for s in scans if s.key.subject in healthy]
     dest = cfg.output_dir / "models" / tcfg.name
-    places = [(dest, "**/.*.tmp*"), (dest.parent, f".{tcfg.name}*.tmp*")]
-    bundle_done = lambda: ((["bundle"], []) if (dest / "model.json").exists()  # noqa: E731
-                           else ([], ["bundle"]))
-    with interruptible("train", places, bundle_done):
+    with interruptible("train", *_bundle_watch(dest)):
         return _train(cfg, tcfg, scans, device, dest, t0, crash_dir)
+
+
+def _bundle_watch(dest: Path):
+    """For :func:`interruptible` around a run that writes the bundle ``dest``: where its
+    temporaries lie, and whether it was finished."""
+    places = [(dest, "**/.*.tmp*"), (dest.parent, f".{dest.name}*.tmp*")]
+    return places, lambda: ((["bundle"], []) if (dest / "model.json").exists()
+                            else ([], ["bundle"]))
+
+
+def _preprocess_checked(cfg: RunConfig, scans: list[ScanInput], device: str, crash_dir: Path,
+                        level: str):
+    """Precheck and preprocess ``scans``: (summary listing the failures, failures by scan id,
+    the scans that preprocessed, their preprocessing results)."""
+    good, failed = precheck(scans)
+    done, pfail = run_preprocessing(cfg, good, device, crash_dir)
+    failed.update(pfail)
+    summary = RunSummary(level, [ScanStatus(f.scan_id, "failed", f.message, f.code)
+                                 for f in failed.values()])
+    return summary, failed, [s for s in good if s.key.scan_id in done], done
 
 
 def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: str,
            dest: Path, t0: float, crash_dir: Path) -> RunSummary:
-    good, failed = precheck(scans)
-    done, pfail = run_preprocessing(cfg, good, device, crash_dir)
-    failed.update(pfail)
-    summary = RunSummary("train", [ScanStatus(f.scan_id, "failed", f.message, f.code)
-                                   for f in failed.values()])
-    ok = [s for s in good if s.key.scan_id in done]
+    summary, failed, ok, done = _preprocess_checked(cfg, scans, device, crash_dir, "train")
     if len({s.key.subject for s in ok}) < 2:
         msg = (f"training needs at least 2 healthy participants that preprocess cleanly; "
                f"{len(ok)} scan(s) available")
@@ -319,16 +331,8 @@ def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSum
     scans = [s for s in scans if s.key.subject in healthy]
     name = name or f"{bundle.name}-{cfg.bids_dir.resolve().name}"
     dest = cfg.output_dir / "models" / name
-    places = [(dest, "**/.*.tmp*"), (dest.parent, f".{name}*.tmp*")]
-    bundle_done = lambda: ((["bundle"], []) if (dest / "model.json").exists()  # noqa: E731
-                           else ([], ["bundle"]))
-    with interruptible("calibrate", places, bundle_done):
-        good, failed = precheck(scans)
-        done, pfail = run_preprocessing(cfg, good, device, crash_dir)
-        failed.update(pfail)
-        summary = RunSummary("calibrate", [ScanStatus(f.scan_id, "failed", f.message, f.code)
-                                           for f in failed.values()])
-        ok = [s for s in good if s.key.scan_id in done]
+    with interruptible("calibrate", *_bundle_watch(dest)):
+        summary, _, ok, done = _preprocess_checked(cfg, scans, device, crash_dir, "calibrate")
         if not ok:
             raise EmptySelectionError("calibrate needs healthy participants that preprocess "
                                       "cleanly; none did (see the errors above)")
