@@ -38,6 +38,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 from _common import DATA, print_table
+from _shift import scanner_shifts
 
 HELD_OUT = ("IXI049", "IXI051")
 CACHE = Path("/tmp/bids-anomaly-model-search")
@@ -61,34 +62,34 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                                       {"scan_baseline": True}),
     "dae+anomalies+domain": ("dae", {**DAE, "anomaly_p": 0.5, "aug_contrast": 0.1,
                                      "aug_blur": 1.0}, {}),
+    # Inference-time corruption (the default dae's networks, reconstructions averaged over
+    # noisy copies of the scan): trained once, shared through the checkpoints.
+    "dae+draws4": ("dae", {**DAE, "infer_draws": 4}, {}),
+    "dae+draws8": ("dae", {**DAE, "infer_draws": 8}, {}),
+    "dae+draws4+half": ("dae", {**DAE, "infer_draws": 4, "infer_noise": 0.5}, {}),
+    "dae+domain+draws4": ("dae", {**DAE, "aug_contrast": 0.1, "aug_blur": 1.0,
+                                  "infer_draws": 4}, {}),
+    "dae+domain2+draws4": ("dae", {**DAE, "aug_contrast": 0.2, "aug_blur": 1.5,
+                                   "infer_draws": 4}, {}),
+    "dae40+draws4": ("dae", {**DAE, "epochs": 40, "patience": 40, "infer_draws": 4}, {}),
+    "dae+multiscale+draws4": ("dae", {**DAE, "noise_scales": [4, 8, 16], "infer_draws": 6},
+                              {}),
+    "dae+coarse16+draws4": ("dae", {**DAE, "noise_scale": 16, "infer_draws": 4}, {}),
+    # Post-processing: Gaussian smoothing of the statmap (both models alike).
+    "zscore+smooth1": ("zscore", {}, {"smooth_sigma": 1.0}),
+    "zscore+smooth2": ("zscore", {}, {"smooth_sigma": 2.0}),
+    "dae+draws4+smooth1": ("dae", {**DAE, "infer_draws": 4}, {"smooth_sigma": 1.0}),
+    "dae+draws4+smooth2": ("dae", {**DAE, "infer_draws": 4}, {"smooth_sigma": 2.0}),
 }
 
 
-def _shifts(data: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Scanner/protocol changes that are not disease, applied to a native image."""
-    from scipy import ndimage
+def _train_key(model_type: str, config: dict) -> str:
+    """Configurations that differ only in how the trained networks are used share training
+    (through resumable checkpoints)."""
+    from bids_anomaly.training import STOPPING_HPARAMS
 
-    x = data.astype(np.float32)
-    top = float(np.percentile(x[x > 0], 99.5))
-    bias = np.exp(0.25 * ndimage.gaussian_filter(rng.standard_normal(x.shape), 15) /
-                  max(1e-6, ndimage.gaussian_filter(rng.standard_normal(x.shape), 15).std()))
-    small = ndimage.zoom(x, (0.5, 0.5, 1.0), order=1)
-    smooth = ndimage.gaussian_filter(x, 1.0)
-    # Grey/white contrast: intensities around the image median pushed apart (a tissue warp).
-    mid = float(np.median(x[x > 0.1 * top]))
-    return {
-        "sharpen": np.clip(x + 1.0 * (x - smooth), 0, None),
-        "contrast": np.clip(mid + 1.3 * (x - mid), 0, None) * (x > 0.05 * top)
-        + x * (x <= 0.05 * top),
-        "quantised": np.round(x / top * 31) * top / 31,
-        "gamma0.6": top * np.clip(x / top, 0, None) ** 0.6,
-        "gamma1.5": top * np.clip(x / top, 0, None) ** 1.5,
-        "thick6mm": ndimage.uniform_filter1d(x, 3, axis=2),
-        "lowres": ndimage.zoom(small, np.array(x.shape) / np.array(small.shape), order=1),
-        "noise": np.abs(x + rng.normal(0, 0.04 * top, x.shape)
-                        + 1j * rng.normal(0, 0.04 * top, x.shape)).astype(np.float32),
-        "bias": x * bias.astype(np.float32),
-    }
+    kept = {k: v for k, v in sorted(config.items()) if k not in STOPPING_HPARAMS}
+    return f"{model_type}-{zlib.crc32(json.dumps(kept).encode()):08x}"
 
 
 def _jobs(cache: Path) -> list[tuple[str, str, dict, str | None]]:
@@ -113,7 +114,7 @@ def _jobs(cache: Path) -> list[tuple[str, str, dict, str | None]]:
     rng = np.random.default_rng(0)
     for sub in HELD_OUT:
         img = nb.load(ixi / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
-        for name, data in _shifts(np.asarray(img.dataobj, np.float32), rng).items():
+        for name, data in scanner_shifts(np.asarray(img.dataobj, np.float32), rng).items():
             path = shifted / f"{sub}_{name}_T1w.nii.gz"
             if not path.exists():
                 nb.save(nb.Nifti1Image(data.astype(np.float32), img.affine), path)
@@ -210,8 +211,10 @@ def run(cache: Path, name: str, seed: int, threads: int) -> dict:
         preproc_jsons=[str(cache / "preproc" / "ixi" / s / "preproc.json") for s in train],
         subjects=train, scan_ids=train, contrasts=["T1w"], model_type=model_type,
         model_name=name, model_config=config, preproc=PreprocConfig().to_dict(), folds=FOLDS,
-        dataset="ixi-t1", seed=seed, device="cpu", threads=threads, checkpoint=None,
-        resume=False, scoring=scoring)
+        dataset="ixi-t1", seed=seed, device="cpu", threads=threads,
+        checkpoint=str(cache / "checkpoints" / f"{_train_key(model_type, config)}-s{seed}"
+                       / "model.pt"),
+        resume=True, scoring=scoring)
     t = time.perf_counter()
     dest = cache / "bundles" / f"{name}-s{seed}"
     if (dest / "model.json").exists():  # trained by an earlier run: measure it again
@@ -258,6 +261,35 @@ def run(cache: Path, name: str, seed: int, threads: int) -> dict:
     return row
 
 
+def combine(cache: Path, names: list[str], seed: int) -> dict:
+    """Pooled voxel AUPRC of each configuration's statmap and of their mean (an ensemble of
+    statmaps; thresholds are not recalibrated, so only the ranking metric is reported)."""
+    from bids_anomaly.evaluation import voxel_metrics
+    from bids_anomaly.models.bundle import load_bundle
+    from bids_anomaly.preprocessing.standardise import standardise_for_bundle
+    from bids_anomaly.scoring import score_volume
+    from bids_anomaly.templates import load_template
+
+    bundles = [load_bundle(cache / "bundles" / f"{n}-s{seed}") for n in names]
+    template = load_template(2)
+    pooled: dict[str, dict[str, tuple[list, list]]] = {}
+    for group, _scan, vol, brain, label in _eval_scans(cache):
+        if label is None:
+            continue
+        maps = [score_volume(b.model, standardise_for_bundle(vol, brain, b.card), brain,
+                             b.calibration, template.affine).statmap[brain] for b in bundles]
+        for key, m in [*zip(names, maps), ("mean", np.mean(maps, axis=0))]:
+            s, y = pooled.setdefault(group, {}).setdefault(key, ([], []))
+            s.append(m)
+            y.append(label[brain])
+    row = {"combine": names, "seed": seed}
+    for group, by in pooled.items():
+        for key, (s, y) in by.items():
+            row[f"{group}_auprc[{key}]"] = round(
+                voxel_metrics(np.concatenate(s), np.concatenate(y))["auprc"], 4)
+    return row
+
+
 COLUMNS = ["ixi-lesion_auprc", "brats2015_auprc", "openms_auprc", "ixi-lesion_dice",
            "brats2015_dice", "healthy_fpr", "shift_fpr", "openms-outside_fpr", "nichart_fpr",
            "healthy_flagged", "shift_flagged", "nichart_flagged", "train_s"]
@@ -287,7 +319,7 @@ def table(cache: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["prepare", "run", "table"])
+    ap.add_argument("step", choices=["prepare", "run", "table", "combine"])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--cache", type=Path, default=CACHE)
@@ -303,6 +335,9 @@ def main() -> None:
             for seed in args.seeds:
                 row = run(args.cache, name, seed, args.threads)
                 print(json.dumps(row), flush=True)
+    elif args.step == "combine":
+        for seed in args.seeds:
+            print(json.dumps(combine(args.cache, args.configs, seed)), flush=True)
     else:
         table(args.cache)
 

@@ -1,7 +1,7 @@
 """Anomaly-detection quality on real scans: every model next to zscore and plain intensity.
 
-    python benchmarks/quality.py [--models dae zscore] [--minutes 10] [--out DIR]
-                                 [--held-out IXI049 IXI051 ...]
+    python benchmarks/quality.py [--models dae zscore] [--seeds 0 1 2] [--minutes M]
+                                 [--out DIR] [--held-out IXI049 IXI051 ...]
 
 Trains on ../shared/data/ixi-t1 leaving two subjects out (--held-out), then scores
   * ixi-lesion: the two held-out IXI scans with synthetic lesions (DESIGN.md recipe) and
@@ -9,11 +9,16 @@ Trains on ../shared/data/ixi-t1 leaving two subjects out (--held-out), then scor
   * openms: the MS patient's T1w (manual lesion mask);
   * brats2015: contrast-enhanced T1w of six gliomas (note the contrast shift: the model never
     saw gadolinium) with the manual whole-tumour masks;
+  * shift: the held-out IXI scans changed as another scanner or protocol would change them
+    (``_shift.scanner_shifts``: contrast, gamma, resolution, noise, bias field, quantisation),
+    healthy by construction: the shipped mask's observed FPR and the flags on them;
   * nichart (scan level only: its WMH masks lie on the FLAIR grid, not the T1w grid).
-Prints one table: pooled voxel AUROC / AUPRC / oracle Dice / Dice at the calibrated 1% and
-0.1% FPR thresholds, the observed FPR on healthy held-out scans, and scan-level AUROC, for
-each model and for a plain-intensity baseline (robust z of the native intensity inside the
-brain; dark and bright), all from the same run.
+Each model is trained as ``bids-anomaly train`` trains it (its defaults, or ``--minutes``),
+once per ``--seeds``; every figure is the mean ± sd over seeds. Prints one table: pooled
+voxel AUROC / AUPRC / oracle Dice / Dice at the calibrated 1% and 0.1% FPR thresholds, the
+observed FPR on healthy held-out (and shifted) scans, and scan-level AUROC, for each model and
+for a plain-intensity baseline (robust z of the native intensity inside the brain; dark and
+bright), all from the same run.
 
 How many scans each figure rests on is printed beside it (n_healthy / n_lesioned). The
 healthy FPR is counted where the statmap is defined: in template space inside the brain mask
@@ -33,6 +38,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 from _common import DATA, peak_rss_mb, print_table
+from _shift import scanner_shifts
 
 HELD_OUT = ("IXI049", "IXI051")
 
@@ -79,6 +85,34 @@ def lesion_copy(src_ds: Path, dest: Path, seed: int = 0,
             nb.save(nb.Nifti1Image(m.astype(np.uint8), img.affine),
                     lab / f"sub-{label}_label-lesion_mask.nii.gz")
             rows.append(f"sub-{label}\t{'patient' if m.any() else 'control'}")
+    (dest / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return labels
+
+
+def shift_copy(src_ds: Path, dest: Path, held_out: tuple[str, ...] = HELD_OUT) -> Path:
+    """A BIDS dataset of the held-out IXI scans with scanner shifts (healthy: empty masks)."""
+    import re
+
+    rng = np.random.default_rng(0)
+    labels = dest / "derivatives" / "lesions"
+    labels.mkdir(parents=True, exist_ok=True)
+    (dest / "dataset_description.json").write_text(json.dumps(
+        {"Name": "IXI held-out with scanner shifts", "BIDSVersion": "1.10.0"}))
+    (labels / "dataset_description.json").write_text(json.dumps(
+        {"Name": "lesions", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "benchmarks/quality.py"}]}))
+    rows = ["participant_id\tgroup"]
+    for sub in held_out:
+        img = nb.load(src_ds / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
+        for name, vol in scanner_shifts(np.asarray(img.dataobj, np.float32), rng).items():
+            label = f"{sub}{re.sub('[^A-Za-z0-9]', '', name)}"
+            for root, data in ((dest, vol.astype(np.float32)),
+                               (labels, np.zeros(vol.shape, np.uint8))):
+                out = root / f"sub-{label}" / "anat"
+                out.mkdir(parents=True, exist_ok=True)
+                suffix = "T1w" if root is dest else "label-lesion_mask"
+                nb.save(nb.Nifti1Image(data, img.affine), out / f"sub-{label}_{suffix}.nii.gz")
+            rows.append(f"sub-{label}\tcontrol")
     (dest / "participants.tsv").write_text("\n".join(rows) + "\n")
     return labels
 
@@ -143,57 +177,148 @@ def scan_level(scores: Path, model: str) -> dict:
             "ixi_paired": f"{paired}/{n_pairs}"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["dae", "zscore"])
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per model")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/bids-anomaly-quality"))
-    ap.add_argument("--nprocs", type=int, default=2)
-    ap.add_argument("--skip-nichart", action="store_true")
-    ap.add_argument("--held-out", nargs="+", default=list(HELD_OUT), metavar="IXI_ID",
-                    help="IXI subjects left out of training: the healthy held-out scans (and "
-                         "their lesioned copies) every healthy figure rests on")
-    ap.add_argument("--reuse-models", action="store_true",
-                    help="keep OUT and skip training for bundles already there")
-    args = ap.parse_args()
-    if not DATA.exists():
-        raise SystemExit(f"shared data not found at {DATA}")
+def _flag_count(group_table: Path) -> tuple[int, int]:
+    import pandas as pd
 
+    df = pd.read_csv(group_table, sep="\t")
+    return int((df.flagged.astype(str).str.lower() == "true").sum()), len(df)
+
+
+def run_seed(args, seed: int, root: Path, datasets: dict, timings: dict) -> tuple[list, list]:
+    """Train every model with ``seed``, score every dataset; (metric rows, scan-level rows)."""
     from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig, TrainConfig
     from bids_anomaly.evaluation import evaluate_outputs
     from bids_anomaly.runner import run_group, run_participant, run_train
 
-    root = args.out
-    if root.exists() and not args.reuse_models:
-        shutil.rmtree(root)
-    if (root / "scores").exists():
-        shutil.rmtree(root / "scores")
-    work = root / "work"
-    models_out = root / "train"
+    work = root / "work"  # shared across seeds: each scan is preprocessed once
+    models_out = root / f"train-s{seed}"
     res = ResourceConfig(nprocs=args.nprocs)
     ixi = DATA / "ixi-t1"
-    held_out = tuple(args.held_out)
     train_labels = tuple(p.name[4:] for p in sorted(ixi.glob("sub-*"))
-                         if p.name[4:] not in held_out)
-    timings = {}
+                         if p.name[4:] not in args.held_out)
     for model in args.models:
         if args.reuse_models and (models_out / "models" / model / "model.json").exists():
             continue
         t = time.perf_counter()
         cfg = RunConfig(bids_dir=ixi, output_dir=models_out, work_dir=work,
                         selection=SelectionConfig(participant_labels=train_labels),
-                        resources=res, seed=0)
-        mcfg = {"max_minutes": args.minutes, "epochs": 200, "patience": 20} \
-            if model != "zscore" else {}
+                        resources=res, seed=seed)
+        mcfg = {"max_minutes": args.minutes} if args.minutes and model != "zscore" else {}
         run_train(cfg, TrainConfig(model_type=model, model_config=mcfg))
-        timings[f"train {model}"] = time.perf_counter() - t
+        timings[f"train {model} seed {seed}"] = time.perf_counter() - t
+    rows, scan_rows = [], []
+    for model in args.models:
+        outs = {}
+        for name, (bids, _labels, filters, _) in datasets.items():
+            out = root / "scores" / f"s{seed}" / model / name
+            t = time.perf_counter()
+            cfg = RunConfig(bids_dir=bids, output_dir=out, work_dir=work,
+                            selection=SelectionConfig(bids_filters=filters), resources=res)
+            run_participant(cfg, str(models_out / "models" / model))
+            run_group(out)
+            timings[f"score {model} {name} seed {seed}"] = time.perf_counter() - t
+            outs[name] = out
+        for name, (_bids, labels, _, _) in datasets.items():
+            flagged, n = _flag_count(outs[name] / "group_anomaly.tsv")
+            if labels is None:
+                import pandas as pd
 
-    lesion_ds = root / "ixi-lesion"
-    if lesion_ds.exists():
-        shutil.rmtree(lesion_ds)
+                df = pd.read_csv(outs[name] / "group_anomaly.tsv", sep="\t")
+                rows.append({"dataset": name, "method": model, "n_scans": n,
+                             "n_lesioned": n, "mean_pct": float(df.percentile.mean()),
+                             "flagged": flagged})
+                continue
+            ev = evaluate_outputs([outs[name]], labels)
+            p = ev.pooled.iloc[0].to_dict()
+            n_fpr = int(p.get("n_fpr_template_scans", 0))
+            lesioned = int(p["n_pathological"])
+            rows.append({"dataset": name, "method": model, "n_scans": int(p["n_scans"]),
+                         "n_healthy": int(p["n_healthy"]), "n_lesioned": lesioned,
+                         **({"auroc": p["auroc"], "auprc": p["auprc"],
+                             "oracle_dice": p["oracle_dice"], "dice@1%": p["dice_fpr0.01"],
+                             "dice@0.1%": p["dice_fpr0.001"]} if lesioned else {}),
+                         # Pooled over the healthy scans' voxels where the statmap is defined
+                         # (template space, eroded brain: the calibration set).
+                         "healthy_fpr@1%": p.get("fpr_template_fpr0.01") if n_fpr else None,
+                         "healthy_fpr@0.1%": p.get("fpr_template_fpr0.001") if n_fpr else None,
+                         "fpr_scans": n_fpr or None,
+                         "scan_auroc": p["scan_auroc"] if lesioned else None,
+                         **({"flagged": flagged} if not lesioned else {})})
+        scan_rows.append(scan_level(root / "scores" / f"s{seed}" / model, model))
+    first = args.models[0]
+    for name, (bids, labels, _, pattern) in datasets.items():
+        if labels is None or name == "shift":
+            continue
+        for method, m in intensity_baseline(root / "scores" / f"s{seed}" / first / name,
+                                            labels, bids, pattern).items():
+            rows.append({"dataset": name, "method": method, "auroc": m["auroc"],
+                         "auprc": m["auprc"], "oracle_dice": m["oracle_dice"]})
+    return rows, scan_rows
+
+
+def mean_sd(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Rows grouped by ``keys``; numbers as mean ± sd over the group (a lone value as is)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        agg = dict(zip(keys, key))
+        agg["seeds"] = len(rs)
+        for col in dict.fromkeys(c for r in rs for c in r):
+            if col in keys:
+                continue
+            texts = [r[col] for r in rs if isinstance(r.get(col), str)]
+            if texts:
+                agg[col] = " ".join(texts)
+                continue
+            vals = [r[col] for r in rs if isinstance(r.get(col), (int, float))
+                    and not isinstance(r.get(col), bool) and np.isfinite(r[col])]
+            if not vals:
+                continue
+            agg[col] = (f"{np.mean(vals):.3f}±{np.std(vals):.3f}" if len(vals) > 1
+                        else round(float(vals[0]), 4))
+            if col.startswith(("n_", "fpr_scans", "flagged", "healthy", "lesioned")):
+                agg[col] = " ".join(str(int(v)) for v in vals) if len(set(vals)) > 1 \
+                    else int(vals[0])
+        out.append(agg)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["dae", "zscore"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="training budget per model (default: the model's own default)")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bids-anomaly-quality"))
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--skip-nichart", action="store_true")
+    ap.add_argument("--held-out", nargs="+", default=list(HELD_OUT), metavar="IXI_ID",
+                    help="IXI subjects left out of training: the healthy held-out scans (and "
+                         "their lesioned and shifted copies) every healthy figure rests on")
+    ap.add_argument("--reuse-models", action="store_true",
+                    help="keep OUT and skip training for bundles already there")
+    args = ap.parse_args()
+    args.held_out = tuple(args.held_out)
+    if not DATA.exists():
+        raise SystemExit(f"shared data not found at {DATA}")
+
+    root = args.out
+    if root.exists() and not args.reuse_models:
+        shutil.rmtree(root)
+    if (root / "scores").exists():
+        shutil.rmtree(root / "scores")
+    ixi = DATA / "ixi-t1"
+    for name in ("ixi-lesion", "shift"):
+        if (root / name).exists():
+            shutil.rmtree(root / name)
     datasets = {
-        "ixi-lesion": (lesion_ds, lesion_copy(ixi, lesion_ds, held_out=held_out), {},
+        "ixi-lesion": (root / "ixi-lesion", lesion_copy(ixi, root / "ixi-lesion",
+                                                        held_out=args.held_out), {},
                        "sub-{s}/anat/sub-{s}_T1w.nii.gz"),
+        "shift": (root / "shift", shift_copy(ixi, root / "shift", args.held_out), {},
+                  "sub-{s}/anat/sub-{s}_T1w.nii.gz"),
         "openms": (DATA / "openms", DATA / "openms/derivatives/manual", {},
                    "sub-{s}/anat/sub-{s}_T1w.nii.gz"),
         "brats2015": (DATA / "brats2015", DATA / "brats2015/derivatives/manual",
@@ -202,73 +327,36 @@ def main() -> None:
     }
     if not args.skip_nichart:
         datasets["nichart"] = (DATA / "nichart", None, {}, "sub-{s}/anat/sub-{s}_T1w.nii.gz")
-    rows = []
-    for model in args.models:
-        outs = {}
-        for name, (bids, _labels, filters, _) in datasets.items():
-            out = root / "scores" / model / name
-            t = time.perf_counter()
-            cfg = RunConfig(bids_dir=bids, output_dir=out, work_dir=work,
-                            selection=SelectionConfig(bids_filters=filters), resources=res)
-            run_participant(cfg, str(models_out / "models" / model))
-            run_group(out)
-            timings[f"score {model} {name}"] = time.perf_counter() - t
-            outs[name] = out
-        for name, (_bids, labels, _, _) in datasets.items():
-            if labels is None:
-                import pandas as pd
-
-                df = pd.read_csv(outs[name] / "group_anomaly.tsv", sep="\t")
-                rows.append({"dataset": name, "method": model, "n_scans": len(df),
-                             "n_lesioned": len(df), "mean_pct": float(df.percentile.mean()),
-                             "flagged": int((df.flagged.astype(str).str.lower() == "true").sum())})
-                continue
-            ev = evaluate_outputs([outs[name]], labels)
-            p = ev.pooled.iloc[0].to_dict()
-            n_fpr = int(p.get("n_fpr_template_scans", 0))
-            rows.append({"dataset": name, "method": model, "n_scans": int(p["n_scans"]),
-                         "n_healthy": int(p["n_healthy"]),
-                         "n_lesioned": int(p["n_pathological"]),
-                         "auroc": p["auroc"], "auprc": p["auprc"], "oracle_dice": p["oracle_dice"],
-                         "dice@1%": p["dice_fpr0.01"], "dice@0.1%": p["dice_fpr0.001"],
-                         # Pooled over the healthy scans' voxels where the statmap is defined
-                         # (template space, eroded brain: the calibration set).
-                         "healthy_fpr@1%": p.get("fpr_template_fpr0.01") if n_fpr else None,
-                         "healthy_fpr@0.1%": p.get("fpr_template_fpr0.001") if n_fpr else None,
-                         "fpr_scans": n_fpr or None,
-                         "scan_auroc": p["scan_auroc"]})
-    scan_rows = []
-    for model in args.models:
-        scan_rows.append(scan_level(root / "scores" / model, model))
-    first = args.models[0]
-    for name, (bids, labels, _, pattern) in datasets.items():
-        if labels is None:
-            continue
-        for method, m in intensity_baseline(root / "scores" / first / name, labels, bids,
-                                            pattern).items():
-            rows.append({"dataset": name, "method": method, "auroc": m["auroc"],
-                         "auprc": m["auprc"], "oracle_dice": m["oracle_dice"]})
-    rows.sort(key=lambda r: (r["dataset"], r["method"]))
-    print_table(rows, ["dataset", "method", "n_scans", "n_healthy", "n_lesioned", "auroc",
-                       "auprc", "oracle_dice", "dice@1%", "dice@0.1%", "healthy_fpr@1%",
-                       "healthy_fpr@0.1%", "fpr_scans", "scan_auroc", "mean_pct", "flagged"])
+    timings: dict[str, float] = {}
+    rows, scan_rows = [], []
+    for seed in args.seeds:
+        r, sr = run_seed(args, seed, root, datasets, timings)
+        rows += r
+        scan_rows += sr
+    rows = sorted(mean_sd(rows, ("dataset", "method")),
+                  key=lambda r: (r["dataset"], r["method"]))
+    print(f"mean ± sd over seeds {args.seeds}")
+    print_table(rows, ["dataset", "method", "seeds", "n_scans", "n_healthy", "n_lesioned",
+                       "auroc", "auprc", "oracle_dice", "dice@1%", "dice@0.1%",
+                       "healthy_fpr@1%", "healthy_fpr@0.1%", "fpr_scans", "scan_auroc",
+                       "mean_pct", "flagged"])
     print()
-    print(f"healthy_fpr: observed voxel FPR pooled over the {len(held_out)} held-out healthy "
-          "IXI scans (fpr_scans), template space, inside the brain mask eroded as scoring "
+    print(f"healthy_fpr: observed voxel FPR pooled over the healthy scans of that dataset "
+          f"(fpr_scans: the {len(args.held_out)} held-out IXI scans for ixi-lesion, their "
+          "shifted copies for shift), template space, inside the brain mask eroded as scoring "
           "erodes it (where the statmap is defined: the set the thresholds were calibrated "
-          "on). Per-dataset scan_auroc: n_healthy against n_lesioned scans of that dataset.")
+          "on). flagged: scans above the bundle's 95th healthy percentile. Per-dataset "
+          "scan_auroc: n_healthy against n_lesioned scans of that dataset.")
     print()
-    n_h = max((r["healthy"] for r in scan_rows), default=0)
-    n_l = max((r["lesioned"] for r in scan_rows), default=0)
-    print(f"Scan level: {n_h} held-out healthy IXI scan(s) against {n_l} lesioned scans "
-          "(IXI + synthetic lesions, openms, brats2015); flagged = above the bundle's 95th "
-          "healthy percentile. Caveats: with n healthy scans the AUROC moves in steps of "
-          f"1/(n x lesioned); 1.0 only says that these {n_h} healthy scans scored below every "
-          "lesioned one; and the openms and brats2015 scans differ from IXI in scanner, "
+    scan_rows = mean_sd(scan_rows, ("method",))
+    print("Scan level: held-out healthy IXI scans against every lesioned scan (IXI + "
+          "synthetic lesions, openms, brats2015); flagged = above the bundle's 95th healthy "
+          "percentile. Caveats: with n healthy scans the AUROC moves in steps of "
+          "1/(n x lesioned); the openms and brats2015 scans differ from IXI in scanner, "
           "resolution and contrast as well as in pathology. ixi_paired: lesioned copies "
           "scoring above their own unmodified scan (same scanner and anatomy).")
-    print_table(scan_rows, ["method", "healthy", "lesioned", "scan_auroc", "ixi_paired",
-                            "healthy_flagged", "lesioned_flagged"])
+    print_table(scan_rows, ["method", "seeds", "healthy", "lesioned", "scan_auroc",
+                            "ixi_paired", "healthy_flagged", "lesioned_flagged"])
     print()
     for k, v in timings.items():
         print(f"{k}: {v:.0f} s")

@@ -39,8 +39,9 @@ LOG = logging.getLogger("bids_anomaly")
 
 LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Hyper-parameters that only decide when training stops: a resumed run may change them.
-STOPPING_HPARAMS = ("max_minutes", "patience")
+# Hyper-parameters that only decide when training stops, or only how a trained network is
+# used at inference: a resumed run may change them.
+STOPPING_HPARAMS = ("max_minutes", "patience", "infer_draws", "infer_noise")
 
 
 def resolve_device(device: str) -> str:

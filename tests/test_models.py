@@ -185,3 +185,22 @@ def test_bundle_is_not_code(tmp_path):
     with pytest.raises(BundleError, match="cannot be loaded"):
         load_bundle(path)
     assert not marker.exists(), "load_bundle unpickled weights.safetensors"
+
+
+def test_dae_inference_draws_are_reproducible_and_denoise():
+    """Noisy inference copies: the same reconstruction on every call (calibration and scoring
+    must agree), different from the clean-input one, and 0 draws is the clean-input path."""
+    vols, masks = tiny_volumes(3)
+    hp = {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 2, "batch_size": 8}
+    model = get_model_class("dae")(["T1w"], SHAPE, hp)
+    model.fit(vols[:2], masks[:2], FitContext(seed=1))
+    clean = model.reconstruct(vols[2], masks[2])
+    noisy = get_model_class("dae")(["T1w"], SHAPE, {**hp, "infer_draws": 3})
+    noisy.load_state_dict(model.state_dict())
+    a, b = noisy.reconstruct(vols[2], masks[2]), noisy.reconstruct(vols[2], masks[2])
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, clean, atol=1e-4)
+    assert np.all(a[:, ~masks[2]] == 0)
+    zero = get_model_class("dae")(["T1w"], SHAPE, {**hp, "infer_draws": 0})
+    zero.load_state_dict(model.state_dict())
+    assert np.array_equal(zero.reconstruct(vols[2], masks[2]), clean)

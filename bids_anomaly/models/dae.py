@@ -34,6 +34,9 @@ class DAEModel(SliceModel):
         "strides": [2, 2, 2],
         "noise_std": 0.5,  # 0.2 left lesions half-reconstructed (quality bench)
         "noise_scale": 8,
+        # Several noise scales (coarse-noise grid factors): each training batch draws one, and
+        # inference draws cycle through them; empty: ``noise_scale`` alone.
+        "noise_scales": [],
         # Dropout on the U-Net's top (half-resolution) skip connection: 1.0 removes it, so
         # sharp-edged content must pass the bottleneck; 0 keeps the plain MONAI U-Net (and
         # bundles written before this key existed, whose cards lack it, load as 0).
@@ -41,9 +44,14 @@ class DAEModel(SliceModel):
         # Probability that a training slice gets a synthetic anomaly to restore
         # (:mod:`.synthetic_anomalies`); 0: coarse noise only.
         "anomaly_p": 0.0,
+        # Inference: average the reconstructions of this many copies of the scan corrupted
+        # with the training noise (scaled by infer_noise); 0 reconstructs the clean scan.
+        # Noisy copies stop the network from copying what it sees, lesions included.
+        "infer_draws": 0,
+        "infer_noise": 1.0,
     }
 
-    legacy_defaults = {"skip_dropout": 0.0, "anomaly_p": 0.0}
+    legacy_defaults = {"skip_dropout": 0.0, "anomaly_p": 0.0, "infer_draws": 0}
 
     def __init__(self, contrasts, shape, hparams=None):
         super().__init__(contrasts, shape, hparams)
@@ -69,8 +77,23 @@ class DAEModel(SliceModel):
         x = clean
         if float(self.hparams["anomaly_p"]) > 0:
             x = insert_anomalies(clean, mask, float(self.hparams["anomaly_p"]), gen)
-        noise = coarse_noise(clean, self.hparams["noise_std"], self.hparams["noise_scale"], gen)
+        scales = self._scales()
+        scale = scales[int(torch.randint(len(scales), (1,), generator=gen))] \
+            if len(scales) > 1 else scales[0]
+        noise = coarse_noise(clean, self.hparams["noise_std"], scale, gen)
         return x + noise * mask
+
+    def _scales(self) -> list[int]:
+        return [int(v) for v in self.hparams["noise_scales"]] or [int(self.hparams["noise_scale"])]
+
+    def inference_inputs(self, x, m, gen):
+        draws = int(self.hparams["infer_draws"])
+        if draws <= 0:
+            return [x]
+        std = float(self.hparams["noise_std"]) * float(self.hparams["infer_noise"])
+        scales = self._scales()
+        return [x + coarse_noise(x, std, scales[d % len(scales)], gen) * m
+                for d in range(draws)]
 
 
 class TopSkipDropout(torch.nn.Module):

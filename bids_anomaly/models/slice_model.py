@@ -27,6 +27,8 @@ from .slices import (
 
 LOG = logging.getLogger("bids_anomaly")
 
+INFERENCE_SEED = 20221  # seed of inference-time corruption (see ``inference_inputs``)
+
 # Training defaults shared by every slice model (each may override some).
 SLICE_DEFAULTS: dict = {
     "crop": None,  # in voxels; None: from crop_mm at the template's resolution
@@ -97,6 +99,12 @@ class SliceModel(AnomalyModel):
     def _forward_recon(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def inference_inputs(self, x: torch.Tensor, m: torch.Tensor,
+                         gen: torch.Generator) -> list[torch.Tensor]:
+        """The network inputs whose reconstructions are averaged at inference (the slices
+        themselves by default; a model may corrupt them as in training, several times)."""
+        return [x]
+
     def fit(self, volumes, masks, ctx: FitContext) -> dict:
         union = np.any(np.stack(masks), axis=0)
         box = self._box(union)
@@ -122,10 +130,15 @@ class SliceModel(AnomalyModel):
         # Inference is float32 on every device, whatever autocast a caller has switched on:
         # calibration (maybe on a GPU) and scoring (maybe on a CPU) must compute the same maps.
         kind = torch.device(device).type
+        # Inference draws are seeded per call: calibration and scoring see the same noise.
+        gen = torch.Generator().manual_seed(INFERENCE_SEED)
         for i in range(0, len(x), 64):
             xb = x[i : i + 64].to(device, non_blocking=True)
+            mb = m[i : i + 64].to(device, non_blocking=True)
             with torch.autocast(device_type=kind, enabled=False):
-                out.append(self._forward_recon(xb).float().cpu())
+                recs = [self._forward_recon(inp).float() for inp in
+                        self.inference_inputs(xb, mb, gen)]
+                out.append((sum(recs) / len(recs)).cpu())
         rec = torch.cat(out).numpy() * m.numpy()
         return slices_to_volume(rec, keep, box, self.shape) * mask[None]
 
