@@ -125,6 +125,11 @@ class ScanOutputs:
     def figures_dir(self) -> Path:
         return Path(f"sub-{self.key.subject}", "figures")
 
+    @property
+    def thumbnail(self) -> Path:
+        """Small overview strip (input slices with the anomaly overlay) for the group report."""
+        return self.figures_dir / f"{self.key.scan_id}_desc-overview_thumb.jpg"
+
 
 def sidecar(path: Path | str) -> Path:
     """The JSON sidecar of a NIfTI or TSV path."""

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 __all__ = [
     "anomaly_mosaics",
+    "anomaly_strip",
     "mask_contour",
     "mosaic",
     "registration_edges",
@@ -312,6 +313,30 @@ def mosaic(
     return encode_png(rgb)
 
 
+def _anomaly_view(preproc: np.ndarray, statmap: np.ndarray, mask: np.ndarray | None,
+                  threshold: float | None, brain_mask: np.ndarray | None) -> dict:
+    """What every view of a scan's anomaly shares: crop, grey window, the statmap as shown,
+    its threshold, the mask outline and the slice through the anomaly."""
+    preproc, stat = _finite(preproc), _finite(statmap)
+    crop = brain_mask if brain_mask is not None and np.any(brain_mask) else (preproc != 0)
+    vmin, vmax = robust_range(preproc, crop)
+    m = np.asarray(mask) > 0 if mask is not None else None
+    has_mask = m is not None and bool(m.any())
+    shown: np.ndarray | None = stat
+    thr: float | None = None
+    if threshold is not None and np.isfinite(threshold):
+        thr = float(threshold)
+    elif has_mask:
+        thr = float(stat[m].min())
+        shown = np.where(m, stat, thr - 1.0).astype(np.float32)
+    else:
+        shown = None  # nothing to show: no threshold and an empty mask
+    return {"preproc": preproc, "box": _box_for(preproc, crop), "vmin": vmin, "vmax": vmax,
+            "shown": shown, "thr": thr,
+            "contours": [(m, ANOMALY_CONTOUR_RGB)] if has_mask else [],
+            "focus": _focus(m, None) if has_mask else _focus(shown, thr)}
+
+
 def anomaly_mosaics(
     preproc: np.ndarray,
     recon: np.ndarray,
@@ -331,33 +356,27 @@ def anomaly_mosaics(
     input, with the binary anomaly ``mask`` outlined. Without a threshold the statmap is
     shown inside ``mask``.
     """
-    preproc = _finite(preproc)
-    recon = _finite(recon)
-    stat = _finite(statmap)
-    crop = brain_mask if brain_mask is not None and np.any(brain_mask) else (preproc != 0)
-    vmin, vmax = robust_range(preproc, crop)
-    box = _box_for(preproc, crop)
-    m = np.asarray(mask) > 0 if mask is not None else None
-    has_mask = m is not None and bool(m.any())
-    shown: np.ndarray | None = stat
-    thr: float | None = None
-    if threshold is not None and np.isfinite(threshold):
-        thr = float(threshold)
-    elif has_mask:
-        thr = float(stat[m].min())
-        shown = np.where(m, stat, thr - 1.0).astype(np.float32)
-    else:
-        shown = None  # nothing to show: no threshold and an empty mask
-    focus = _focus(m, None) if has_mask else _focus(shown, thr)
-    common = dict(axes=(axis,), n_slices=n_slices, box=box, vmin=vmin, vmax=vmax, scale=scale,
-                  focus=focus)
-    contours = [(m, ANOMALY_CONTOUR_RGB)] if has_mask else []
+    v = _anomaly_view(preproc, statmap, mask, threshold, brain_mask)
+    common = dict(axes=(axis,), n_slices=n_slices, box=v["box"], vmin=v["vmin"],
+                  vmax=v["vmax"], scale=scale, focus=v["focus"])
     return {
-        "input": encode_png(_render(preproc, **common)),
-        "recon": encode_png(_render(recon, **common)),
-        "overlay": encode_png(_render(preproc, overlay=shown, overlay_threshold=thr,
-                                      contours=contours, **common)),
+        "input": encode_png(_render(v["preproc"], **common)),
+        "recon": encode_png(_render(_finite(recon), **common)),
+        "overlay": encode_png(_render(v["preproc"], overlay=v["shown"],
+                                      overlay_threshold=v["thr"], contours=v["contours"],
+                                      **common)),
     }
+
+
+def anomaly_strip(preproc: np.ndarray, statmap: np.ndarray, mask: np.ndarray | None,
+                  threshold: float | None, *, brain_mask: np.ndarray | None = None,
+                  n_slices: int = 4, scale: float = 0.75, axis: int = 2) -> np.ndarray:
+    """One row of ``n_slices`` small slices with the anomaly overlay (RGB floats in [0, 1]),
+    drawn as :func:`anomaly_mosaics` draws its overlay (one slice through the anomaly)."""
+    v = _anomaly_view(preproc, statmap, mask, threshold, brain_mask)
+    return _render(v["preproc"], axes=(axis,), n_slices=n_slices, box=v["box"],
+                   vmin=v["vmin"], vmax=v["vmax"], scale=scale, overlay=v["shown"],
+                   overlay_threshold=v["thr"], contours=v["contours"], focus=v["focus"])
 
 
 def mask_contour(

@@ -39,6 +39,7 @@ from .html import (
     to_float,
 )
 from .loaders import SCORES_GLOB, crash_files, read_json, read_tsv, strip_prefix
+from .overview import OVERVIEW_CSS, OVERVIEW_JS, overview_html, thumbnail_uris
 
 __all__ = ["build_group_report", "GROUP_TSV", "GROUP_REPORT", "EVAL_POOLED_TSV",
            "EVAL_SCANS_TSV"]
@@ -76,7 +77,7 @@ svg .pt.hl{stroke:#000;stroke-width:2.5;r:7px}
 svg .bar{fill:#c9d1d9}svg .axis{stroke:#555;stroke-width:1}
 svg text{font-size:11px;fill:#444}
 .legend span{margin-right:1rem}
-"""
+""" + OVERVIEW_CSS
 
 _JS = r"""
 (function(){
@@ -157,11 +158,16 @@ function visible(i){
   var q=filterBox.value.trim().toLowerCase();
   return !q||hay[i].indexOf(q)>=0;
 }
+// The overview mosaic (reports/overview.py) follows the filter and the highlight.
+var API={data:D, visible:visible, highlight:function(i){highlight(i);}, onRender:[],
+  onHighlight:[]};
+window.bidsAnomalyGroup=API;
 function render(){
   var frag=document.createDocumentFragment(), n=0;
   for(var k=0;k<order.length;k++){var i=order[k]; if(visible(i)){frag.appendChild(trs[i]); n++;}}
   tbody.textContent=''; tbody.appendChild(frag);
   countEl.textContent='showing '+n+' of '+N+' scans';
+  API.onRender.forEach(function(f){f();});
 }
 var collator=new Intl.Collator(undefined,{numeric:true,sensitivity:'base'});
 var sortCol=null, sortDir=1;
@@ -211,10 +217,12 @@ var hl=-1;
 function highlight(i){
   if(hl===i){return;}
   if(hl>=0){trs[hl].classList.remove('hl'); var o=document.getElementById('pt-'+hl);
-    if(o){o.classList.remove('hl');}}
+    if(o){o.classList.remove('hl');}
+    var prev=hl; API.onHighlight.forEach(function(f){f(prev,false);});}
   hl=i;
   if(i>=0){trs[i].classList.add('hl'); var p=document.getElementById('pt-'+i);
-    if(p){p.classList.add('hl'); p.parentNode.appendChild(p);}}
+    if(p){p.classList.add('hl'); p.parentNode.appendChild(p);}
+    API.onHighlight.forEach(function(f){f(i,true);});}
 }
 tbody.addEventListener('mouseover',function(e){var i=rowIndex(e.target); if(i>=0){highlight(i);}});
 tbody.addEventListener('focusin',function(e){var i=rowIndex(e.target); if(i>=0){highlight(i);}});
@@ -283,7 +291,7 @@ document.getElementById('import-json').addEventListener('change',function(e){
 showInfo();
 render();
 })();
-"""
+""" + OVERVIEW_JS
 
 
 def build_group_report(output_dir: Path) -> Path:
@@ -316,6 +324,7 @@ def _render(output_dir: Path, columns: list[str], rows: list[dict[str, str]],
     links = [_link(output_dir, r) for r in rows]
     data_rows = [{c: (to_float(r[c]) if c in numeric else r[c]) for c in columns} for r in rows]
     reference = _reference(output_dir, rows)
+    thumbs = thumbnail_uris(output_dir, rows, failed)
     data = {
         "dataset": dataset,
         "storage_key": STORAGE_PREFIX + dataset,
@@ -328,6 +337,7 @@ def _render(output_dir: Path, columns: list[str], rows: list[dict[str, str]],
         "links": links,
         "healthy_scores": reference.get("healthy_scores", []),
         "reference_model": reference.get("model"),
+        "thumbs": thumbs,
     }
     n_part = len({r.get("participant_id") for r in rows})
     n_flag = sum(1 for f in flagged if f is True)
@@ -347,6 +357,9 @@ def _render(output_dir: Path, columns: list[str], rows: list[dict[str, str]],
         body.append(f'<div class="error" data-testid="group-error">{esc(problem)}</div>')
     body.append("<h2>Score distribution</h2>")
     body.append(_score_svg(rows, ids, flagged, reference))
+    body.append(_reference_html(reference))
+    if rows:
+        body.append(overview_html(sum(1 for t in thumbs if t), len(rows)))
     body.append(_table_html(columns, numeric))
     body.append(_failed_html(rows, ids, failed, links))
     body.append(_evaluation_html(output_dir))
@@ -431,9 +444,30 @@ def _reference(output_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
                        if v is not None]
             if healthy:
                 model = obj.get("model") if isinstance(obj.get("model"), dict) else {}
+                ref = obj.get("reference") if isinstance(obj.get("reference"), dict) else {}
                 return {"healthy_scores": healthy, "threshold": to_float(obj.get("threshold")),
-                        "model": model.get("name")}
+                        "model": model.get("name"), "status": ref}
     return {}
+
+
+def _reference_html(reference: dict[str, Any]) -> str:
+    """How many healthy scans the percentiles, flags and thresholds rest on (and a warning)."""
+    healthy = reference.get("healthy_scores") or []
+    if not healthy:
+        return ('<p class="muted small" data-testid="reference-size">No healthy reference '
+                "scores found in the scans' records.</p>")
+    status = reference.get("status") or {}
+    n = status.get("n_scans", len(healthy))
+    cohort = status.get("cohort") if isinstance(status.get("cohort"), dict) else {}
+    where = f" ({esc(cohort.get('dataset'))})" if cohort.get("dataset") else ""
+    model = f" of model <b>{esc(reference['model'])}</b>" if reference.get("model") else ""
+    text = (f"Percentiles, flags and voxel thresholds rest on <b>{esc(fmt_num(n, 0))}</b> "
+            f"healthy reference scans{model}{where}.")
+    if status.get("level") in ("warning", "refused"):
+        msg = str(status.get("message", ""))
+        return (f'<div class="error" data-testid="reference-size"><b>Small healthy '
+                f"reference.</b> {text} {esc(msg[:1].upper() + msg[1:])}</div>")
+    return f'<p data-testid="reference-size">{text}</p>'
 
 
 # --------------------------------------------------------------------------- HTML pieces

@@ -32,8 +32,12 @@ def strip_prefix(label: Any, prefix: str) -> str | None:
 
 def key_from_scores_path(path: Path) -> ScanKey:
     """The ScanKey encoded in a ``..._desc-anomaly_scores.json`` file name."""
-    stem = path.name[: -len(SCORES_GLOB) + 1]
-    ents = dict(_ENTITY.findall(stem))
+    return key_from_name(path.name[: -len(SCORES_GLOB) + 1])
+
+
+def key_from_name(name: str) -> ScanKey:
+    """The ScanKey of a scan id or file name stem (``sub-01_ses-1_run-2``; sub may be '')."""
+    ents = dict(_ENTITY.findall(name))
     return ScanKey(ents.get("sub", ""), ents.get("ses"), ents.get("run"), ents.get("acq"))
 
 
