@@ -62,6 +62,16 @@ class PreprocConfig:
 
 
 @dataclass(frozen=True)
+class ProgressConfig:
+    """How a run shows its progress: ``auto`` (a rich bar on a terminal, else plain lines),
+    ``rich``, ``plain`` (a line per step and at most one per ``interval_s`` or quarter of a
+    step) or ``quiet`` (nothing on the console). The run's log always gets a line per step."""
+
+    mode: str = "auto"
+    interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a participant-, group- or train-level run needs."""
 
@@ -75,6 +85,7 @@ class RunConfig:
     skip_bids_validation: bool = True
     verbose: int = 0
     command: str = ""
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 @dataclass(frozen=True)

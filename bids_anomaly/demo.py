@@ -8,7 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import PreprocConfig, ResourceConfig, RunConfig, SelectionConfig, TrainConfig
+from .config import (
+    PreprocConfig,
+    ProgressConfig,
+    ResourceConfig,
+    RunConfig,
+    SelectionConfig,
+    TrainConfig,
+)
 from .evaluation import EvaluationResult, evaluate_outputs, write_evaluation
 from .runner import RunSummary, run_group, run_participant, run_train
 from .synth import SynthConfig, generate_cohort
@@ -32,6 +39,7 @@ class DemoConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
     seed: int = 0
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 @dataclass
@@ -60,7 +68,7 @@ def run_demo(root: Path, cfg: DemoConfig = DemoConfig(), command: str = "",
     base = RunConfig(bids_dir=cohort.root, output_dir=main_out, work_dir=work,
                      selection=SelectionConfig(healthy_filter=(("split", "train"),)),
                      resources=cfg.resources, preproc=cfg.preproc, seed=cfg.seed,
-                     command=command)
+                     command=command, progress=cfg.progress)
     summaries: list[RunSummary] = []
     for model in cfg.models:
         t = time.perf_counter()
@@ -79,7 +87,7 @@ def run_demo(root: Path, cfg: DemoConfig = DemoConfig(), command: str = "",
         run = replace(base, output_dir=out,
                       selection=SelectionConfig(participant_labels=test))
         summaries.append(run_participant(run, str(main_out / "models" / model)))
-        summaries.append(run_group(out))
+        summaries.append(run_group(out, cfg.progress))
         seconds[f"score_{model}"] = time.perf_counter() - t
     say("Evaluating against the synthetic lesion masks")
     result = evaluate_outputs([outputs[m] for m in cfg.models], cohort.labels_dir)

@@ -21,7 +21,7 @@ from nipype import Node, Workflow
 from . import __version__
 from .bids_io import derivatives
 from .bids_io.discovery import ScanInput, discover_scans, healthy_subjects
-from .config import RunConfig, TrainConfig
+from .config import ProgressConfig, RunConfig, TrainConfig
 from .errors import (
     BidsAnomalyError,
     BundleError,
@@ -35,6 +35,7 @@ from .interrupt import remove_temp_files, stop_children
 from .naming import ScanKey, ScanOutputs
 from .paths import ensure_writable_dir, validate_run_paths
 from .preprocessing.checks import load_checked
+from .progress import Reporter, TrainingView
 from .reference import file_sha256
 from .versions import software_versions
 from .workflows.base import (
@@ -42,10 +43,10 @@ from .workflows.base import (
     node_name,
     preprocessing_workflow,
     result_output,
-    run_workflow,
     scan_outcomes,
 )
 from .workflows.interfaces import DerivativesSink, Fit, Recalibrate, Score
+from .workflows.watch import run_watched
 
 LOG = logging.getLogger("bids_anomaly")
 # OSErrors of a derivatives sink that mean "cannot create output" (exit 73): ENOSPC, EROFS,
@@ -172,7 +173,8 @@ def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash
                                        cfg.resources.threads_per_node, cfg.seed, device)
     if not scans:
         return {}, {}
-    run = run_workflow(wf, cfg.resources, crash_dir)
+    step = Reporter(cfg.progress).step("preprocessing", len(scans), "scans")
+    run = run_watched(wf, cfg.resources, crash_dir, step)
     results, failures = scan_outcomes(run, {sid: [node] for sid, node in nodes.items()})
     done = {}
     for sid, result in results.items():
@@ -182,6 +184,8 @@ def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash
                                          f"({res or 'no output'})")
         else:
             done[sid] = res
+    step.close(f"{len(done)}/{len(scans)} scans preprocessed"
+               + (f", {len(failures)} failed" if failures else ""))
     return done, failures
 
 
@@ -267,7 +271,10 @@ def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: st
     node.inputs.use_gpu = device.startswith("cuda")
     node.overwrite = True  # the bundle is the product: always (re)write it
     wf.add_nodes([node])
-    _, fit_failed = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir), {"fit": [node]})
+    step = Reporter(cfg.progress).step(f"training {tcfg.model_type}")
+    run = run_watched(wf, cfg.resources, crash_dir, step, training=TrainingView())
+    _, fit_failed = scan_outcomes(run, {"fit": [node]})
+    step.close(f"{'failed' if fit_failed else 'bundle written'} ({len(ok)} scans)")
     if fit_failed:
         f = fit_failed["fit"]
         where = f" (crash file: {f.crash_file})" if f.crash_file else ""
@@ -349,8 +356,10 @@ def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSum
         node.inputs.use_gpu = device.startswith("cuda")
         node.overwrite = True
         wf.add_nodes([node])
-        _, cal_failed = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir),
-                                      {"calibrate": [node]})
+        step = Reporter(cfg.progress).step(f"calibrating on {len(ok)} healthy scans")
+        run = run_watched(wf, cfg.resources, crash_dir, step)
+        _, cal_failed = scan_outcomes(run, {"calibrate": [node]})
+        step.close("failed" if cal_failed else f"bundle {name} written")
         if cal_failed:
             f = cal_failed["calibrate"]
             raise TrainingError(f"calibration failed: {f.message}")
@@ -414,7 +423,12 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
         wf.connect(score, "files", sink, "files")
         chains[sid] = [score, sink]
     if chains:
-        _, sfail = scan_outcomes(run_workflow(wf, cfg.resources, crash_dir), chains)
+        step = Reporter(cfg.progress).step("scoring", len(chains), "scans")
+        run = run_watched(wf, cfg.resources, crash_dir, step,
+                          items=[f"{wf.name}.{chain[-1].name}" for chain in chains.values()])
+        _, sfail = scan_outcomes(run, chains)
+        step.close(f"{len(chains) - len(sfail)}/{len(chains)} scans scored"
+                   + (f", {len(sfail)} failed" if sfail else ""))
         for sid, f in sfail.items():
             if _OUTPUT_ERRNO.search(f.message):  # disk full, read-only, quota, permission
                 f.code = ExitCode.CANNOT_CREATE_OUTPUT
@@ -441,7 +455,7 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
             summary.scans.append(ScanStatus(ScanKey(subject).scan_id, "failed", msg,
                                             ExitCode.MISSING_INPUT))
             found.add(subject)
-    summary.outputs.update(build_reports(cfg.output_dir, sorted(found)))
+    summary.outputs.update(build_reports(cfg.output_dir, sorted(found), cfg.progress))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -460,30 +474,39 @@ def _reference_warning(output_dir: Path, key: ScanKey) -> str:
     return f"warning: {msg}"
 
 
-def build_reports(output_dir: Path, subjects: list[str]) -> dict[str, str]:
+def build_reports(output_dir: Path, subjects: list[str],
+                  progress: ProgressConfig | None = None) -> dict[str, str]:
     """Participant reports; a report that fails is logged, never fatal."""
     from .reports import build_participant_report
 
     out = {}
-    for subject in subjects:
+    step = Reporter(progress).step("participant reports", len(subjects), "participants")
+    t0 = time.monotonic()
+    for i, subject in enumerate(subjects, 1):
         try:
             out[f"sub-{subject}"] = str(build_participant_report(output_dir, subject))
         except Exception as exc:  # a report must never lose the run's results
             LOG.error("participant report for sub-%s failed: %s", subject, exc)
+        step.update(done=i, eta_s=(time.monotonic() - t0) / i * (len(subjects) - i))
+    step.close(f"{len(out)}/{len(subjects)} participant reports written")
     return out
 
 
-def run_group(output_dir: Path) -> RunSummary:
+def run_group(output_dir: Path, progress: ProgressConfig | None = None) -> RunSummary:
     """Group level: the table of every scan and the group report."""
     from .reports import build_group_report
 
     t0 = time.perf_counter()
     ensure_writable_dir(output_dir, "OUTPUT_DIR")
+    step = Reporter(progress).step("group level", 2, "parts")
+    step.update(info="collecting the scans' records")
     df = derivatives.write_group_table(output_dir)
     if df.empty:
+        step.close("no scored participants")
         raise EmptySelectionError(
             f"no scored participants in {output_dir}: run the participant level first"
         )
+    step.update(done=1, info=f"group report of {len(df)} scans")
     summary = RunSummary("group")
     for _, row in df.iterrows():
         summary.scans.append(ScanStatus(
@@ -491,16 +514,18 @@ def run_group(output_dir: Path) -> RunSummary:
             ExitCode.OK))
     summary.outputs["group_table"] = str(output_dir / "group_anomaly.tsv")
     summary.outputs["group_report"] = str(build_group_report(output_dir))
+    step.close(f"table and report of {len(df)} scans")
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def run_reports(output_dir: Path, level: str, subjects: list[str] | None = None) -> RunSummary:
+def run_reports(output_dir: Path, level: str, subjects: list[str] | None = None,
+                progress: ProgressConfig | None = None) -> RunSummary:
     """Rebuild reports from existing derivatives, without recomputing anything."""
     if level == "group":
-        return run_group(output_dir)
+        return run_group(output_dir, progress)
     if not subjects:
         subjects = sorted(p.name[4:] for p in output_dir.glob("sub-*") if p.is_dir())
     summary = RunSummary("report")
-    summary.outputs.update(build_reports(output_dir, subjects))
+    summary.outputs.update(build_reports(output_dir, subjects, progress))
     return summary

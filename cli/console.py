@@ -19,6 +19,8 @@ def setup_logging(verbose: int) -> None:
     if not any(isinstance(h, RichHandler) for h in log.handlers):
         handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
         handler.setLevel(level)
+        # Step progress has its own display; the run's log file keeps those lines.
+        handler.addFilter(lambda record: not record.name.startswith("bids_anomaly.progress"))
         log.addHandler(handler)
 
 

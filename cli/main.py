@@ -68,6 +68,17 @@ def _device(ctx, param, value):
     return value
 
 
+QUIET = click.option("-q", "--quiet", is_flag=True,
+                     help="No progress display (the log in OUTPUT_DIR/logs keeps a line per "
+                          "step). Without a terminal, progress is a few plain lines.")
+
+
+def _progress(kw):
+    from bids_anomaly.config import ProgressConfig
+
+    return ProgressConfig(mode="quiet" if kw.get("quiet") else "auto")
+
+
 def selection_options(f):
     """Options that choose scans (fMRIPrep/MRIQC spellings, '-' and '_' both accepted)."""
     f = click.option("--bids-filter-file", "--bids_filter_file", "bids_filter_file",
@@ -118,6 +129,7 @@ def run_options(f):
                      default="auto", show_default=True,
                      help="auto: deepbet unless the input is already skull-stripped."),
         click.option("-v", "--verbose", count=True, help="More output (-vv for debug)."),
+        QUIET,
         click.option("--notrack", is_flag=True, help="Accepted; the tool never phones home."),
     ]
     for o in reversed(opts):
@@ -159,7 +171,7 @@ def _build_config(bids_dir, output_dir, kw, contrasts=("T1w",), healthy=()):
         preproc=PreprocConfig(resolution=int(kw.get("resolution", 2)),
                               brain_extraction=kw.get("brain_extraction", "auto"),
                               registration=kw.get("registration", "affine")),
-        seed=kw.get("seed", 0), verbose=kw.get("verbose", 0),
+        seed=kw.get("seed", 0), verbose=kw.get("verbose", 0), progress=_progress(kw),
         command=" ".join(shlex.quote(a) for a in ["bids-anomaly", *sys.argv[1:]]),
     )
 
@@ -224,7 +236,7 @@ def _group(bids_dir, output_dir, kw):
 
     setup_logging(kw.get("verbose", 0))
     check_bids_root(bids_dir)
-    print_summary(run_group(output_dir))
+    print_summary(run_group(output_dir, _progress(kw)))
 
 
 @main_group.command("train", context_settings=CONTEXT)
@@ -337,7 +349,8 @@ def score_cmd(bids_dir, output_dir, analysis_level, model, **kw):
 @click.argument("analysis_level")
 @selection_options
 @click.option("-v", "--verbose", count=True)
-def report_cmd(bids_dir, output_dir, analysis_level, verbose, participant_label, **_):
+@QUIET
+def report_cmd(bids_dir, output_dir, analysis_level, verbose, quiet, participant_label, **_):
     """Rebuild the HTML reports from existing derivatives (nothing is recomputed)."""
     from bids_anomaly.runner import run_reports
 
@@ -348,7 +361,8 @@ def report_cmd(bids_dir, output_dir, analysis_level, verbose, participant_label,
 
         raise MissingInputError(f"OUTPUT_DIR {output_dir} does not exist")
     subjects = [p.removeprefix("sub-") for p in participant_label] or None
-    print_summary(run_reports(output_dir, analysis_level, subjects))
+    print_summary(run_reports(output_dir, analysis_level, subjects,
+                              _progress({"quiet": quiet})))
 
 
 @main_group.command("evaluate", context_settings=CONTEXT)
@@ -387,7 +401,8 @@ def evaluate_cmd(output_dirs, labels, out, verbose):
 @click.option("--nprocs", type=click.IntRange(1), help="Processes (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", count=True)
-def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose):
+@QUIET
+def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose, quiet):
     """Generate a synthetic cohort, train dae and zscore, score, report and evaluate.
 
     Everything is made locally from the MNI152 template shipped with nilearn: no download.
@@ -400,11 +415,11 @@ def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose):
     cfg = DemoConfig(
         synth=SynthConfig(n_healthy=n_healthy, n_patients=n_patients, seed=seed),
         dae={**DEMO_DAE, "max_minutes": minutes},
-        resources=ResourceConfig(**({"nprocs": nprocs} if nprocs else {})), seed=seed)
-    with console.status("[bold]Running the demo…") as status:
-        result = run_demo(directory, cfg, command="bids-anomaly demo " + str(directory),
-                          step=lambda msg: (status.update(f"[bold]{msg}…"),
-                                            console.log(msg)))
+        resources=ResourceConfig(**({"nprocs": nprocs} if nprocs else {})), seed=seed,
+        progress=_progress({"quiet": quiet}))
+    # Each stage shows its own progress on stderr (the runner's steps); stdout names them.
+    result = run_demo(directory, cfg, command="bids-anomaly demo " + str(directory),
+                      step=lambda msg: console.log(msg))
     for s in result.summaries:
         if s.failed:
             print_summary(s)

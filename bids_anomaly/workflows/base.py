@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,11 +142,19 @@ def _setup_logging(wf: Workflow) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 
-def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> WorkflowRun:
+def node_dirs(wf: Workflow) -> dict[str, Path]:
+    """Full name → working folder of every node of ``wf`` (where its progress records go)."""
+    return {f"{wf.name}.{name}": Path(wf.base_dir) / wf.name / name
+            for name in wf.list_node_names()}
+
+
+def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path,
+                 on_status: Callable[[Node, str], None] | None = None) -> WorkflowRun:
     """Run ``wf`` and return what each node did; never raises for a node's failure.
 
     ``crash_dir`` must belong to this run alone (the runner gives each process its own
     ``logs/run-<stamp>-<pid>/``): only crash files written there during the run are read.
+    ``on_status`` also gets nipype's node events (progress display).
     """
     _setup_logging(wf)
     configure(wf, crash_dir)
@@ -160,7 +169,7 @@ def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> Wo
     events = None
     if not plugin.endswith("Graph"):  # Graph plugins submit jobs and report nothing back
         events = NodeEvents()
-        args["status_callback"] = events
+        args["status_callback"] = events if on_status is None else _both(events, on_status)
     run = WorkflowRun(wf, time.time(), None if events is None else events.states)
     try:
         wf.run(plugin=plugin, plugin_args=args)
@@ -174,6 +183,17 @@ def run_workflow(wf: Workflow, resources: ResourceConfig, crash_dir: Path) -> Wo
         if node:
             run.crashes[node] = path
     return run
+
+
+def _both(first: Callable[[Node, str], None], second: Callable[[Node, str], None]
+          ) -> Callable[[Node, str], None]:
+    def call(node: Node, status: str) -> None:
+        first(node, status)
+        try:
+            second(node, status)
+        except Exception as exc:  # noqa: BLE001 - a display must never break a run
+            LOG.debug("progress callback failed: %s", exc)
+    return call
 
 
 def error_line(exc: BaseException) -> str:

@@ -14,6 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..progress.records import node_progress
+
 
 class _PreprocessInput(BaseInterfaceInputSpec):
     t1w = File(exists=True, mandatory=True, desc="T1w image")
@@ -39,9 +41,11 @@ class Preprocess(SimpleInterface):
         from ..preprocessing.pipeline import preprocess_scan
 
         files = {"T1w": self.inputs.t1w, **dict(self.inputs.extra)}
-        preprocess_scan(files, Path(runtime.cwd), PreprocConfig.from_dict(self.inputs.config),
-                        threads=self.inputs.threads, seed=self.inputs.seed,
-                        device=self.inputs.device)
+        with node_progress(runtime.cwd):
+            preprocess_scan(files, Path(runtime.cwd),
+                            PreprocConfig.from_dict(self.inputs.config),
+                            threads=self.inputs.threads, seed=self.inputs.seed,
+                            device=self.inputs.device)
         self._results["result"] = os.path.join(runtime.cwd, "preproc.json")
         return runtime
 
@@ -68,9 +72,10 @@ class Score(SimpleInterface):
     def _run_interface(self, runtime):
         from ..infer import score_preprocessed
 
-        self._results["files"] = score_preprocessed(
-            self.inputs.preproc, self.inputs.bundle, Path(runtime.cwd),
-            device=self.inputs.device, threads=self.inputs.threads)
+        with node_progress(runtime.cwd):
+            self._results["files"] = score_preprocessed(
+                self.inputs.preproc, self.inputs.bundle, Path(runtime.cwd),
+                device=self.inputs.device, threads=self.inputs.threads)
         return runtime
 
 
@@ -98,12 +103,17 @@ class DerivativesSink(SimpleInterface):
     def _run_interface(self, runtime):
         from ..bids_io.derivatives import sink_scan
         from ..naming import ScanKey
+        from ..reports.thumbnails import write_thumbnail
 
         pre = json.loads(Path(self.inputs.preproc).read_text())
-        self._results["record"] = sink_scan(
-            Path(self.inputs.output_dir), ScanKey(**self.inputs.key), dict(self.inputs.files),
-            pre, Path(self.inputs.bids_dir), dict(self.inputs.sources),
-            dict(self.inputs.provenance), self.inputs.resolution)
+        key = ScanKey(**self.inputs.key)
+        with node_progress(runtime.cwd):
+            self._results["record"] = sink_scan(
+                Path(self.inputs.output_dir), key, dict(self.inputs.files), pre,
+                Path(self.inputs.bids_dir), dict(self.inputs.sources),
+                dict(self.inputs.provenance), self.inputs.resolution)
+            # The group report's overview strip (a failure here never fails the scan).
+            write_thumbnail(Path(self.inputs.output_dir), key, self.inputs.resolution)
         return runtime
 
 
@@ -128,7 +138,9 @@ class Fit(SimpleInterface):
         from ..fit import FitInputs, fit_bundle
 
         inputs = FitInputs(preproc_jsons=list(self.inputs.preproc), **self.inputs.spec)
-        self._results["bundle"] = str(fit_bundle(inputs, Path(self.inputs.dest)))
+        with node_progress(runtime.cwd) as progress:  # epochs for the main process's bar
+            self._results["bundle"] = str(fit_bundle(inputs, Path(self.inputs.dest),
+                                                     progress=progress.epoch))
         return runtime
 
 
@@ -158,7 +170,8 @@ class Recalibrate(SimpleInterface):
         torch.set_num_threads(max(1, self.inputs.threads))
         scans = [ReferenceScan(js, **meta) for js, meta in zip(self.inputs.preproc,
                                                                 self.inputs.scans)]
-        self._results["bundle"] = str(recalibrate_bundle(
-            load_bundle(Path(self.inputs.bundle)), scans, Path(self.inputs.dest),
-            dataset=self.inputs.dataset, device=self.inputs.device))
+        with node_progress(runtime.cwd):
+            self._results["bundle"] = str(recalibrate_bundle(
+                load_bundle(Path(self.inputs.bundle)), scans, Path(self.inputs.dest),
+                dataset=self.inputs.dataset, device=self.inputs.device))
         return runtime
