@@ -45,6 +45,17 @@ def print_summary(summary) -> None:
               file=sys.stderr)
 
 
+def print_card(rows: list[tuple[str, str]]) -> None:
+    """A bundle's card as a two-column table."""
+    table = Table(title="Model bundle (checksums verified)", title_justify="left",
+                  show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
+
+
 def print_evaluation(result) -> None:
     from bids_anomaly.evaluation import format_pooled_table
 

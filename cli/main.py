@@ -20,7 +20,7 @@ from bids_anomaly import __version__
 from bids_anomaly.errors import BidsAnomalyError, ExitCode, UnknownAnalysisLevelError, UsageError
 
 from .argv import expand_greedy
-from .console import console, print_evaluation, print_summary, setup_logging
+from .console import console, print_card, print_evaluation, print_summary, setup_logging
 
 LEVELS = ("participant", "group")
 MODEL_TYPES = ["dae", "ae", "vae", "ddpm", "zscore"]
@@ -390,6 +390,27 @@ def evaluate_cmd(output_dirs, labels, out, verbose):
     for p in paths:
         if p.suffix == ".html":
             console.print(f"Group report (with an Evaluation section): {p}")
+
+
+@main_group.command("info", context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_cmd(bundle, as_json):
+    """Show a model bundle's card (checksums verified): model, contrasts, template,
+    training cohort, healthy reference, thresholds, software versions.
+
+    \b
+    A bundle whose files do not match model.json fails with exit code 65.
+    Example:
+      bids-anomaly info /data/ixi/derivatives/bids-anomaly/models/dae
+    """
+    from bids_anomaly.bundle_info import bundle_info
+
+    info = bundle_info(bundle)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2, default=str))
+        return
+    print_card(info.rows())
 
 
 @main_group.command("demo", context_settings=CONTEXT)

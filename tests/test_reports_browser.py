@@ -284,3 +284,73 @@ def test_group_report_many_scans_fast(watched, tmp_path: Path, artifacts: Path) 
     assert render_s < BUDGET_S, timings
     assert sort_s < BUDGET_S and sort_ms < BUDGET_S * 1000, timings
     w.check_clean()
+
+
+def test_group_overview_mosaic_200_scans(watched, tmp_path: Path, artifacts: Path) -> None:
+    """The overview mosaic of 200 scans: small, rendered, ordered, filtered, linked."""
+    from tests.overview_cohort import FAIL_EVERY, write_overview_scans
+
+    n = 200
+    html = write_overview_scans(tmp_path, n)
+    size_mb = html.stat().st_size / 1e6
+    assert size_mb <= 5.0, f"group report of {n} scans is {size_mb:.2f} MB"
+    w = watched(html)
+    w.goto()
+    page = w.page
+    page.wait_for_function(f"document.querySelectorAll('#overview .ovrow').length === {n}")
+    n_failed = len(range(0, n, FAIL_EVERY))
+    assert page.evaluate("() => Array.from(document.querySelectorAll('#overview img'))"
+                         ".filter(i => i.complete && i.naturalWidth > 0).length") == n - n_failed
+    assert page.locator("#overview .ph").count() == n_failed  # failed scans: placeholders
+
+    # Flagged first (by score, highest first), then the others by score, failed scans last.
+    rows = page.evaluate("""() => Array.from(document.querySelectorAll('#overview .ovrow'), a => {
+      const D = window.bidsAnomalyGroup.data, i = +a.dataset.i;
+      return [D.flagged[i] === true, D.failed[i], D.rows[i].score];
+    })""")
+    flags = [f for f, _, _ in rows]
+    n_flag = sum(flags)
+    assert 0 < n_flag < n and flags == [True] * n_flag + [False] * (n - n_flag)
+    scored = [s for f, bad, s in rows[n_flag:] if not bad]
+    assert [s for _, _, s in rows[:n_flag]] == sorted((s for _, _, s in rows[:n_flag]),
+                                                      reverse=True)
+    assert scored == sorted(scored, reverse=True)
+    assert all(bad for _, bad, _ in rows[n - n_failed:])
+    page.locator("#overview-title").scroll_into_view_if_needed()
+    page.screenshot(path=str(artifacts / "group_overview.png"))
+
+    # Sorting the table leaves the mosaic's order; the filter applies to both.
+    page.click('[data-testid="th-score"]')
+    asc = page.evaluate(_COLUMN_JS, "score")
+    assert _numbers(asc) == sorted(_numbers(asc))
+    assert page.evaluate("() => document.querySelector('#overview .ovrow').classList"
+                         ".contains('flagged')")
+    page.fill('[data-testid="filter-text"]', "sub-01")
+    ids = page.evaluate("() => Array.from(document.querySelectorAll('#overview .ovrow'),"
+                        " a => a.dataset.testid)")
+    assert len(ids) == page.locator("#scan-tbody tr").count() > 0
+    assert all("sub-01" in i for i in ids) and len(ids) < n
+    page.fill('[data-testid="filter-text"]', "")
+    page.check('[data-testid="flagged-only"]')
+    assert page.locator("#overview .ovrow").count() == n_flag == page.locator(
+        "#scan-tbody tr").count()
+    assert page.locator("#overview .ovrow.flagged").count() == n_flag
+    page.uncheck('[data-testid="flagged-only"]')
+
+    # Hovering a mosaic row highlights its table row and score point, and back.
+    first = page.locator("#overview .ovrow").first
+    sid = first.get_attribute("data-testid").removeprefix("ov-")
+    first.hover()
+    assert "hl" in page.locator(f'[data-testid="row-{sid}"]').get_attribute("class")
+    assert "hl" in page.locator(f'[data-testid="point-{sid}"]').get_attribute("class")
+    other = page.locator("#scan-tbody tr").nth(3)
+    oid = other.get_attribute("data-testid").removeprefix("row-")
+    other.hover()
+    assert "hl" in page.locator(f'[data-testid="ov-{oid}"]').get_attribute("class")
+    assert "hl" not in (first.get_attribute("class") or "")
+    w.check_clean()
+
+    # Clicking a mosaic row opens that participant's report, at the scan.
+    page.locator(f'[data-testid="ov-{sid}"]').click()
+    page.wait_for_url(f"**/{sid}.html#scan-{sid}")
+    assert page.locator(f"#scan-{sid}").inner_text() == f"participant report of {sid}"
