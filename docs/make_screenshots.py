@@ -1,4 +1,5 @@
-"""Regenerate the README screenshots ``docs/group_report.png`` and ``docs/participant_report.png``.
+"""Regenerate the README screenshots ``docs/group_report.png``, ``docs/group_overview.png``
+and ``docs/participant_report.png``.
 
 Usage (from the repository root; needs Debian's ``chromium`` and Playwright for Python, nothing
 is downloaded)::
@@ -33,12 +34,15 @@ def _shrink(png: Path) -> None:
     small.save(png, optimize=True)
 
 
-def _shoot(browser, html: Path, png: Path, viewport: dict, group: bool) -> None:
+def _shoot(browser, html: Path, png: Path, viewport: dict, group: bool | str) -> None:
     context = browser.new_context(viewport=viewport)
     try:
         page = context.new_page()
         page.goto(html.resolve().as_uri())
-        if group:  # most anomalous scans first, as a reviewer would look at them
+        if group == "overview":  # the mosaic of every scan, flagged first
+            page.wait_for_selector("#overview .ovrow")
+            page.evaluate("document.getElementById('overview-title').scrollIntoView()")
+        elif group:  # most anomalous scans first, as a reviewer would look at them
             page.wait_for_selector("#scan-tbody tr")
             page.click('[data-testid="th-score"]')
             page.click('[data-testid="th-score"]')
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
             try:
                 _shoot(browser, group, DOCS / "group_report.png", VIEWPORT, True)
+                _shoot(browser, group, DOCS / "group_overview.png", VIEWPORT, "overview")
                 _shoot(browser, part, DOCS / "participant_report.png", VIEWPORT, False)
             finally:
                 browser.close()

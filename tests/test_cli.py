@@ -24,7 +24,8 @@ def test_version():
     assert r.stdout.strip() == f"bids-anomaly {__version__}"
 
 
-@pytest.mark.parametrize("cmd", ["train", "calibrate", "score", "report", "evaluate", "demo"])
+@pytest.mark.parametrize("cmd", ["train", "calibrate", "score", "report", "evaluate", "demo",
+                                 "info"])
 def test_subcommand_help_is_actionable(cmd):
     r = run(cmd, "--help")
     assert r.returncode == 0
