@@ -256,6 +256,9 @@ def run_seed(args, seed: int, root: Path, datasets: dict, timings: dict) -> tupl
     return rows, scan_rows
 
 
+COUNTS = {"fpr_scans", "flagged", "healthy", "lesioned", "healthy_flagged", "lesioned_flagged"}
+
+
 def mean_sd(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """Rows grouped by ``keys``; numbers as mean ± sd over the group (a lone value as is)."""
     groups: dict[tuple, list[dict]] = {}
@@ -278,7 +281,7 @@ def mean_sd(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
                 continue
             agg[col] = (f"{np.mean(vals):.3f}±{np.std(vals):.3f}" if len(vals) > 1
                         else round(float(vals[0]), 4))
-            if col.startswith(("n_", "fpr_scans", "flagged", "healthy", "lesioned")):
+            if col.startswith("n_") or col in COUNTS:
                 agg[col] = " ".join(str(int(v)) for v in vals) if len(set(vals)) > 1 \
                     else int(vals[0])
         out.append(agg)

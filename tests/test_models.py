@@ -192,7 +192,7 @@ def test_dae_inference_draws_are_reproducible_and_denoise():
     must agree), different from the clean-input one, and 0 draws is the clean-input path."""
     vols, masks = tiny_volumes(3)
     hp = {"channels": [4, 8], "strides": [2], "crop": [32, 40], "epochs": 2, "batch_size": 8}
-    model = get_model_class("dae")(["T1w"], SHAPE, hp)
+    model = get_model_class("dae")(["T1w"], SHAPE, {**hp, "infer_draws": 0})
     model.fit(vols[:2], masks[:2], FitContext(seed=1))
     clean = model.reconstruct(vols[2], masks[2])
     noisy = get_model_class("dae")(["T1w"], SHAPE, {**hp, "infer_draws": 3})

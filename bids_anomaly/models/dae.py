@@ -47,7 +47,7 @@ class DAEModel(SliceModel):
         # Inference: average the reconstructions of this many copies of the scan corrupted
         # with the training noise (scaled by infer_noise); 0 reconstructs the clean scan.
         # Noisy copies stop the network from copying what it sees, lesions included.
-        "infer_draws": 0,
+        "infer_draws": 4,
         "infer_noise": 1.0,
     }
 
