@@ -43,20 +43,25 @@ from _shift import scanner_shifts
 HELD_OUT = ("IXI049", "IXI051")
 
 
+def _dataset_skeleton(dest: Path, name: str) -> Path:
+    """``dest`` as a raw BIDS dataset named ``name`` with an empty labels derivative in it."""
+    labels = dest / "derivatives" / "lesions"
+    labels.mkdir(parents=True, exist_ok=True)
+    (dest / "dataset_description.json").write_text(json.dumps(
+        {"Name": name, "BIDSVersion": "1.10.0"}))
+    (labels / "dataset_description.json").write_text(json.dumps(
+        {"Name": "lesions", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "benchmarks/quality.py"}]}))
+    return labels
+
+
 def lesion_copy(src_ds: Path, dest: Path, seed: int = 0,
                 held_out: tuple[str, ...] = HELD_OUT) -> Path:
     """A BIDS dataset with the held-out IXI scans, with (sub-<id>les) and without lesions."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "dataset_description.json").write_text(json.dumps(
-        {"Name": "IXI held-out with synthetic lesions", "BIDSVersion": "1.10.0"}))
-    labels = dest / "derivatives" / "lesions"
-    (labels).mkdir(parents=True, exist_ok=True)
-    (labels / "dataset_description.json").write_text(json.dumps(
-        {"Name": "lesions", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-         "GeneratedBy": [{"Name": "benchmarks/quality.py"}]}))
+    labels = _dataset_skeleton(dest, "IXI held-out with synthetic lesions")
     rows = ["participant_id\tgroup"]
     for sub in held_out:
         img = nb.load(src_ds / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
@@ -94,13 +99,7 @@ def shift_copy(src_ds: Path, dest: Path, held_out: tuple[str, ...] = HELD_OUT) -
     import re
 
     rng = np.random.default_rng(0)
-    labels = dest / "derivatives" / "lesions"
-    labels.mkdir(parents=True, exist_ok=True)
-    (dest / "dataset_description.json").write_text(json.dumps(
-        {"Name": "IXI held-out with scanner shifts", "BIDSVersion": "1.10.0"}))
-    (labels / "dataset_description.json").write_text(json.dumps(
-        {"Name": "lesions", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-         "GeneratedBy": [{"Name": "benchmarks/quality.py"}]}))
+    labels = _dataset_skeleton(dest, "IXI held-out with scanner shifts")
     rows = ["participant_id\tgroup"]
     for sub in held_out:
         img = nb.load(src_ds / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
