@@ -34,14 +34,17 @@ import torch.nn.functional as F
 from .augment import augment_batch, flip_shift
 from .errors import DataError
 from .models.base import FitContext
+from .progress.display import format_duration as format_eta
 
 LOG = logging.getLogger("bids_anomaly")
 
 LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Hyper-parameters that only decide when training stops, or only how a trained network is
-# used at inference: a resumed run may change them.
-STOPPING_HPARAMS = ("max_minutes", "patience", "infer_draws", "infer_noise")
+# Hyper-parameters that only decide when training stops: a resumed run may change them.
+STOPPING_HPARAMS = ("max_minutes", "patience")
+# Hyper-parameters that only decide how a trained network is used at inference (the dae's
+# noisy draws): they do not identify a training run either.
+INFERENCE_HPARAMS = ("infer_draws", "infer_noise")
 
 
 def resolve_device(device: str) -> str:
@@ -56,14 +59,6 @@ def resolve_device(device: str) -> str:
 def augment(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
     """Random left-right flips and in-plane shifts (kept for callers; see :mod:`.augment`)."""
     return flip_shift(x, m, shift, gen)
-
-
-def format_eta(seconds: float) -> str:
-    """Seconds as MM:SS, or H:MM:SS from an hour up."""
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    mnt, sec = divmod(rem, 60)
-    return f"{h}:{mnt:02d}:{sec:02d}" if h else f"{mnt:02d}:{sec:02d}"
 
 
 def eta_seconds(epoch_times: list[float], remaining_epochs: int, elapsed: float,
@@ -113,7 +108,8 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
 def run_fingerprint(net: torch.nn.Module, hparams: dict, model: str | None, seed: int,
                     train: tuple, val: tuple) -> dict:
     """What identifies a training run: a checkpoint resumes only the run it was written by."""
-    hp = {k: v for k, v in hparams.items() if k not in STOPPING_HPARAMS}
+    hp = {k: v for k, v in hparams.items()
+          if k not in STOPPING_HPARAMS + INFERENCE_HPARAMS}
     return {
         "model": model or "",
         "network": f"{type(net).__module__}.{type(net).__qualname__}",

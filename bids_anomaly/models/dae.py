@@ -78,6 +78,7 @@ class DAEModel(SliceModel):
         if float(self.hparams["anomaly_p"]) > 0:
             x = insert_anomalies(clean, mask, float(self.hparams["anomaly_p"]), gen)
         scales = self._scales()
+        # One scale draws nothing extra, so single-scale training is what it was before.
         scale = scales[int(torch.randint(len(scales), (1,), generator=gen))] \
             if len(scales) > 1 else scales[0]
         noise = coarse_noise(clean, self.hparams["noise_std"], scale, gen)
