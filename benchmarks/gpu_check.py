@@ -266,7 +266,7 @@ def bench_model(name: str, data: dict, args, cuda: bool, rep: Report) -> dict:
     import torch
 
     from bids_anomaly.calibration import calibrate
-    from bids_anomaly.models.base import get_model_class
+    from bids_anomaly.models.registry import get_model_class
     from bids_anomaly.scoring import ScoringParams, score_volume
 
     cls = get_model_class(name)

@@ -86,7 +86,7 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
 def _train_key(model_type: str, config: dict) -> str:
     """Configurations that differ only in how the trained networks are used share training
     (through resumable checkpoints)."""
-    from bids_anomaly.training import INFERENCE_HPARAMS, STOPPING_HPARAMS
+    from bids_anomaly.models.trainer import INFERENCE_HPARAMS, STOPPING_HPARAMS
 
     kept = {k: v for k, v in sorted(config.items())
             if k not in STOPPING_HPARAMS + INFERENCE_HPARAMS}

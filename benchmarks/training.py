@@ -1,6 +1,6 @@
 """Training cost of each model type at its default size, on the shared IXI T1w data.
 
-    python benchmarks/training.py [--models dae ae vae ddpm zscore] [--epochs 3] [--threads 2]
+    python benchmarks/training.py [--models MODEL ...] [--epochs 3] [--threads 2]
                                   [--cache DIR] [--full [--full-model dae]]
 
 The IXI scans are preprocessed once (``preprocess_scan``, cached in ``--cache`` between models
@@ -98,7 +98,7 @@ def one_model(model: str, epochs: int, threads: int, cache: Path) -> dict:
 
     from bids_anomaly.config import PreprocConfig
     from bids_anomaly.fit import FitInputs, fit_bundle
-    from bids_anomaly.models.base import get_model_class
+    from bids_anomaly.models.registry import get_model_class
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     torch.set_num_threads(threads)
@@ -147,8 +147,11 @@ def score_fresh(bundle: str, preproc_json: Path, threads: int) -> dict:
 
 
 def main() -> None:
+    from bids_anomaly.models.registry import MODEL_TYPES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["dae", "ae", "vae", "ddpm", "zscore"])
+    ap.add_argument("--models", nargs="+", default=list(MODEL_TYPES),
+                    help="default: every registered model type")
     ap.add_argument("--epochs", type=int, default=3, help="epochs timed per learned model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE,

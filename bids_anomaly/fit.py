@@ -16,13 +16,14 @@ import numpy as np
 from . import __version__
 from .calibration import calibrate_out_of_fold
 from .config import PreprocConfig
-from .models.base import FitContext, get_model_class
+from .models.base import FitContext
 from .models.bundle import save_bundle
+from .models.registry import get_model_class
+from .models.trainer import format_eta
 from .preprocessing.pipeline import PreprocResult
 from .preprocessing.standardise import apply_standardisation, learn_standardisation
 from .scoring import ScoringParams
 from .templates import TEMPLATE_NAME, load_template
-from .training import format_eta
 from .versions import software_versions
 
 LOG = logging.getLogger("bids_anomaly")
@@ -132,7 +133,7 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         chosen = [(v, m) for s, v, m in data.values() if s in subjects]
         return [v for v, _ in chosen], [m for _, m in chosen]
 
-    from .training import resolve_device
+    from .models.trainer import resolve_device
 
     device = resolve_device(inputs.device)
 

@@ -190,7 +190,7 @@ def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash
 
 
 def _resolve_device(cfg: RunConfig) -> str:
-    from .training import resolve_device
+    from .models.trainer import resolve_device
 
     try:
         return resolve_device(cfg.resources.device)

@@ -23,9 +23,27 @@ from .argv import expand_greedy
 from .console import console, print_card, print_evaluation, print_summary, setup_logging
 
 LEVELS = ("participant", "group")
-MODEL_TYPES = ["dae", "ae", "vae", "ddpm", "zscore"]
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class ModelChoice(click.Choice):
+    """``--model-type``: the model registry's names, imported (with torch) only when needed."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from bids_anomaly.models.registry import MODEL_TYPES
+
+        return MODEL_TYPES
+
+
+def __getattr__(name: str):
+    if name == "MODEL_TYPES":
+        return ModelChoice().choices
+    raise AttributeError(name)
 
 
 def _parse_mem(ctx, param, value):
@@ -247,7 +265,7 @@ def _group(bids_dir, output_dir, kw):
               help="participants.tsv filter for the healthy cohort (repeatable; default: all "
                    "selected participants, with a warning).")
 @click.option("--model-type", "--model_type", "model_type", default="dae", show_default=True,
-              type=click.Choice(MODEL_TYPES), help="Model to train.")
+              type=ModelChoice(), help="Model to train.")
 @click.option("--model-name", "--model_name", "model_name",
               help="Bundle name under OUTPUT_DIR/models (default: the model type).")
 @click.option("--model-config", "--model_config", "model_config",

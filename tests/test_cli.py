@@ -137,7 +137,7 @@ def test_greedy_label_expansion():
 def test_cli_offers_every_registered_model():
     from bids_anomaly.cli.main import MODEL_TYPES
 
-    from bids_anomaly.models.base import REGISTRY, get_model_class
+    from bids_anomaly.models.registry import REGISTRY, get_model_class
 
     get_model_class("dae")  # registers the built-in models
     assert sorted(MODEL_TYPES) == sorted(REGISTRY)

@@ -11,8 +11,9 @@ import torch
 
 from bids_anomaly.calibration import calibrate
 from bids_anomaly.errors import BundleError
-from bids_anomaly.models.base import AnomalyModel, FitContext, get_model_class, register
+from bids_anomaly.models.base import AnomalyModel, FitContext, register
 from bids_anomaly.models.bundle import CARD, load_bundle, save_bundle, sha256
+from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.reference import file_sha256, reference_role
 from bids_anomaly.scoring import (
     MIN_REFERENCE_SCANS,

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bids_anomaly.errors import DataError, ExitCode
-from bids_anomaly.models.base import FitContext, get_model_class
-from bids_anomaly.training import deterministic_algorithms
+from bids_anomaly.models.base import FitContext
+from bids_anomaly.models.registry import get_model_class
+from bids_anomaly.models.trainer import deterministic_algorithms
 
 from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
 

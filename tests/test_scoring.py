@@ -118,8 +118,9 @@ def test_normative_calibration_evens_out_noisy_regions_and_hits_nominal_fpr():
 
 
 def test_normative_maps_travel_in_the_bundle(tmp_path):
-    from bids_anomaly.models.base import FitContext, get_model_class
+    from bids_anomaly.models.base import FitContext
     from bids_anomaly.models.bundle import load_bundle, save_bundle
+    from bids_anomaly.models.registry import get_model_class
 
     rng = np.random.default_rng(2)
     shape = (12, 14, 10)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bids_anomaly.models.base import FitContext, get_model_class
+from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
+from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.models.slices import crop_voxels, template_resolution
 from bids_anomaly.scoring import Calibration
 from bids_anomaly.templates import RESOLUTIONS, load_template

@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from bids_anomaly.augment import affine, augment_batch, bias_field, flip_shift, intensity_gamma
-from bids_anomaly.models.base import FitContext, get_model_class
+from bids_anomaly.models.augment import (
+    affine,
+    augment_batch,
+    bias_field,
+    flip_shift,
+    intensity_gamma,
+)
+from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
+from bids_anomaly.models.registry import get_model_class
+from bids_anomaly.models.trainer import eta_seconds, format_eta
 from bids_anomaly.scoring import Calibration
-from bids_anomaly.training import eta_seconds, format_eta
 
 from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""The model interface and registry: one module per model type."""
+"""The model interface and the ``register`` decorator (``registry`` imports the model types)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,6 @@ def register(cls: type[AnomalyModel]) -> type[AnomalyModel]:
     """Class decorator: make a model available to ``--model-type``."""
     REGISTRY[cls.type_name] = cls
     return cls
-
-
-def get_model_class(type_name: str) -> type[AnomalyModel]:
-    from . import ae, dae, ddpm, vae, zscore  # noqa: F401  (register the built-in models)
-
-    try:
-        return REGISTRY[type_name]
-    except KeyError as exc:
-        raise ValueError(
-            f"unknown model type '{type_name}' (available: {', '.join(sorted(REGISTRY))})"
-        ) from exc
 
 
 @dataclass

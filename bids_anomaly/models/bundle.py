@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import BundleError
 from ..reference import file_sha256 as sha256
 from ..scoring import Calibration, NormativeMaps
-from .base import AnomalyModel, get_model_class
+from .base import AnomalyModel
+from .registry import get_model_class
 
 SCHEMA_VERSION = "1.0"
 WEIGHTS = "weights.safetensors"

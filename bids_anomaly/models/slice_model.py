@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training import LossFn, TorchTrainer
 from .base import AnomalyModel, FitContext
 from .slices import (
     crop_box,
@@ -24,6 +23,7 @@ from .slices import (
     template_resolution,
     volume_to_slices,
 )
+from .trainer import LossFn, TorchTrainer
 
 LOG = logging.getLogger("bids_anomaly")
 

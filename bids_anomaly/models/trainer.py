@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+from ..progress.display import format_duration as format_eta
 from .augment import augment_batch, flip_shift
-from .errors import DataError
-from .models.base import FitContext
-from .progress.display import format_duration as format_eta
+from .base import FitContext
 
 LOG = logging.getLogger("bids_anomaly")
 
