@@ -14,6 +14,8 @@ import math
 import re
 from typing import Any
 
+from .assets import asset
+
 NA = "n/a"
 
 AGEING_NOTE = (
@@ -24,39 +26,7 @@ AGEING_NOTE = (
     "reviewed by a qualified reader."
 )
 
-CSS = """
-:root{--fg:#1d232a;--muted:#5b6670;--line:#d8dee4;--bg:#fff;--soft:#f4f6f8;
---red:#c62828;--green:#2e7d32;--amber:#b26a00;--grey:#6b7280;--accent:#1f6feb}
-*{box-sizing:border-box}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-color:var(--fg);background:var(--bg);margin:0;padding:0 1.2rem 3rem;max-width:1400px}
-h1{font-size:1.5rem;margin:1rem 0 .3rem}h2{font-size:1.2rem;margin:1.6rem 0 .5rem;
-border-bottom:1px solid var(--line);padding-bottom:.2rem}h3{font-size:1.02rem;margin:1rem 0 .4rem}
-.muted{color:var(--muted)}.small{font-size:.86em}
-.note{background:#fff8e1;border-left:4px solid var(--amber);padding:.6rem .8rem;margin:.8rem 0}
-.error{background:#fdecea;border-left:4px solid var(--red);padding:.6rem .8rem;margin:.6rem 0;
-white-space:pre-wrap;word-break:break-word}
-.badge{display:inline-block;padding:.08rem .55rem;border-radius:.8rem;font-weight:600;
-font-size:.82em;letter-spacing:.02em;color:#fff;vertical-align:middle}
-.badge.flagged{background:var(--red)}.badge.normal{background:var(--green)}
-.badge.failed{background:var(--grey)}.badge.unknown{background:#9aa3ad}
-.scan{border:1px solid var(--line);border-radius:.5rem;padding:.4rem 1rem 1rem;margin:1rem 0}
-.scan>header{display:flex;flex-wrap:wrap;align-items:baseline;gap:.4rem 1.2rem}
-.scan>header h2{border:0;margin:.6rem 0 .2rem}
-.kpi{font-size:1.05em}.kpi b{font-size:1.15em}
-figure{margin:.4rem 0 .8rem}figure img{max-width:100%;height:auto;display:block;
-background:#000;border-radius:.25rem}figcaption{color:var(--muted);font-size:.86em;margin-top:.2rem}
-table{border-collapse:collapse;font-size:.92em}th,td{border-bottom:1px solid var(--line);
-padding:.25rem .5rem;text-align:left;vertical-align:top}th{background:var(--soft)}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:.15rem .9rem;margin:.3rem 0}
-dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;word-break:break-word}
-code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
-pre{background:var(--soft);padding:.5rem;overflow-x:auto;white-space:pre-wrap;
-word-break:break-word}
-.toggle{user-select:none;cursor:pointer}
-nav.toc a{margin-right:.8rem}
-"""
+CSS = asset("base.css")
 
 
 def esc(value: Any) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 from ..naming import ScanKey, ScanOutputs, build_name, sidecar
 
 SCORES_GLOB = "*_desc-anomaly_scores.json"
+GROUP_TSV = "group_anomaly.tsv"  # written by the group level, read by its report
 _ENTITY = re.compile(r"(?:^|_)(sub|ses|acq|run)-([A-Za-z0-9]+)")
 
 

@@ -21,6 +21,7 @@ from .. import __version__
 from ..atomic import write_bytes, write_text
 from ..naming import ScanOutputs
 from . import figures
+from .assets import asset
 from .html import (
     AGEING_NOTE,
     NA,
@@ -77,20 +78,7 @@ _LEVELS = (
     _Level(1.0, 1.0, 6, qc=False, inline_all=False),
 )
 
-_JS = """
-(function(){
-  document.querySelectorAll('input.overlay-toggle').forEach(function(cb){
-    var im=document.getElementById(cb.getAttribute('data-target'));
-    var base=document.getElementById(cb.getAttribute('data-base'));
-    if(!im||!base){return;}
-    var over=im.src;
-    cb.addEventListener('change',function(){
-      im.src=cb.checked?over:base.src;
-      im.alt=cb.checked?'input with anomaly overlay':'input without overlay';
-    });
-  });
-})();
-"""
+_JS = asset("participant.js")
 
 
 def build_participant_report(output_dir: Path, subject: str) -> Path:
