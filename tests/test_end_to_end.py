@@ -260,7 +260,7 @@ def test_native_maps_align_with_the_input(pipeline, tmp_path, model):
     slicing, so both models are checked. Control: the same native map shifted by one voxel
     (3 mm; the dae: two voxels, see ALIGNMENT) fails the check.
     """
-    from bids_anomaly.evaluation import native_template_agreement
+    from bids_anomaly.evaluation.agreement import native_template_agreement
     from bids_anomaly.naming import ScanKey, ScanOutputs
 
     folder, shift, floor, tolerance = ALIGNMENT[model]
