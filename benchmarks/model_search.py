@@ -3,6 +3,7 @@
     python benchmarks/model_search.py prepare              # preprocess every scan once
     python benchmarks/model_search.py run --configs zscore dae --seeds 0 1 2
     python benchmarks/model_search.py table                # mean ± sd over seeds
+    python benchmarks/model_search.py folds --configs dae+draws4+smooth1 --seeds 0
 
 Each configuration is trained exactly as ``bids-anomaly train`` trains (``fit_bundle``:
 k-fold out-of-fold reference + the shipped model) on eight IXI participants; the other two
@@ -80,6 +81,9 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "zscore+smooth2": ("zscore", {}, {"smooth_sigma": 2.0}),
     "dae+draws4+smooth1": ("dae", {**DAE, "infer_draws": 4}, {"smooth_sigma": 1.0}),
     "dae+draws4+smooth2": ("dae", {**DAE, "infer_draws": 4}, {"smooth_sigma": 2.0}),
+    # 2.5D: neighbouring slices as channels (same noise on them), on top of the default.
+    "dae+ctx1": ("dae", {**DAE, "infer_draws": 4, "context": 1}, {"smooth_sigma": 1.0}),
+    "dae+ctx2": ("dae", {**DAE, "infer_draws": 4, "context": 2}, {"smooth_sigma": 1.0}),
 }
 
 
@@ -291,6 +295,59 @@ def combine(cache: Path, names: list[str], seed: int) -> dict:
     return row
 
 
+class _MeanReconstruction:
+    """An ensemble: the mean of its members' reconstructions."""
+
+    def __init__(self, members):
+        self.members = members
+
+    def reconstruct(self, volume, mask, device="cpu"):
+        return np.mean([m.reconstruct(volume, mask, device=device) for m in self.members], 0)
+
+
+def folds(cache: Path, name: str, seed: int, draws: int) -> dict:
+    """Pooled voxel AUPRC of the shipped model next to an ensemble of the fold models and the
+    shipped one (mean reconstruction, ``draws`` noisy draws each), both against the bundle's
+    out-of-fold reference (thresholds not recalibrated: the ranking metric only)."""
+    import torch
+
+    from bids_anomaly.evaluation import voxel_metrics
+    from bids_anomaly.models.bundle import load_bundle
+    from bids_anomaly.preprocessing.standardise import standardise_for_bundle
+    from bids_anomaly.scoring import score_volume
+    from bids_anomaly.templates import load_template
+
+    model_type, config, _ = CONFIGS[name]
+    bundle = load_bundle(cache / "bundles" / f"{name}-s{seed}")
+    base = bundle.model
+    ckpt = cache / "checkpoints" / f"{_train_key(model_type, config)}-s{seed}"
+    members = []
+    for path in [*sorted(ckpt.glob("model-fold*.pt")), None]:
+        m = type(base)(base.contrasts, base.shape, {**base.hparams, "infer_draws": draws})
+        if path is None:
+            m.load_state_dict(base.state_dict())
+        else:
+            state = torch.load(path, weights_only=True)
+            m.net.load_state_dict(state["best_net"] or state["net"])
+            m.box = base.box
+        members.append(m)
+    ensemble = _MeanReconstruction(members)
+    template = load_template(2)
+    pooled: dict[str, tuple[list, list]] = {}
+    for group, _scan, vol, brain, label in _eval_scans(cache):
+        if label is None:
+            continue
+        std = standardise_for_bundle(vol, brain, bundle.card)
+        for key, model in (("shipped", base), (f"ensemble{len(members)}", ensemble)):
+            res = score_volume(model, std, brain, bundle.calibration, template.affine)
+            s, y = pooled.setdefault(f"{group}_auprc[{key}]", ([], []))
+            s.append(res.statmap[brain])
+            y.append(label[brain])
+    return {"folds": name, "seed": seed, "draws_per_member": draws,
+            **{k: round(voxel_metrics(np.concatenate(s), np.concatenate(y))["auprc"], 4)
+               for k, (s, y) in pooled.items()}}
+
+
 COLUMNS = ["ixi-lesion_auprc", "brats2015_auprc", "openms_auprc", "ixi-lesion_dice",
            "brats2015_dice", "healthy_fpr", "shift_fpr", "openms-outside_fpr", "nichart_fpr",
            "healthy_flagged", "shift_flagged", "nichart_flagged", "train_s"]
@@ -320,12 +377,13 @@ def table(cache: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["prepare", "run", "table", "combine"])
+    ap.add_argument("step", choices=["prepare", "run", "table", "combine", "folds"])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draws", type=int, default=1, help="folds: noisy draws per member")
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"shared data not found at {DATA}")
@@ -336,6 +394,10 @@ def main() -> None:
             for seed in args.seeds:
                 row = run(args.cache, name, seed, args.threads)
                 print(json.dumps(row), flush=True)
+    elif args.step == "folds":
+        for name in args.configs:
+            for seed in args.seeds:
+                print(json.dumps(folds(args.cache, name, seed, args.draws)), flush=True)
     elif args.step == "combine":
         for seed in args.seeds:
             print(json.dumps(combine(args.cache, args.configs, seed)), flush=True)

@@ -49,6 +49,9 @@ class DAEModel(SliceModel):
         # Noisy copies stop the network from copying what it sees, lesions included.
         "infer_draws": 4,
         "infer_noise": 1.0,
+        # 2.5D: the network sees (and restores) this many neighbouring slices on each side
+        # as extra channels; the scan's reconstruction is the central slice. 0: 2D slices.
+        "context": 0,
     }
 
     legacy_defaults = {"skip_dropout": 0.0, "anomaly_p": 0.0, "infer_draws": 0}
@@ -59,8 +62,8 @@ class DAEModel(SliceModel):
 
         self.net = UNet(
             spatial_dims=2,
-            in_channels=len(self.contrasts),
-            out_channels=len(self.contrasts),
+            in_channels=self.stacked_channels,
+            out_channels=self.stacked_channels,
             channels=tuple(self.hparams["channels"]),
             strides=tuple(self.hparams["strides"]),
             num_res_units=0,
@@ -81,8 +84,14 @@ class DAEModel(SliceModel):
         # One scale draws nothing extra, so single-scale training is what it was before.
         scale = scales[int(torch.randint(len(scales), (1,), generator=gen))] \
             if len(scales) > 1 else scales[0]
-        noise = coarse_noise(clean, self.hparams["noise_std"], scale, gen)
-        return x + noise * mask
+        return x + self._noise(clean, float(self.hparams["noise_std"]), scale, gen) * mask
+
+    def _noise(self, x: torch.Tensor, std: float, scale: int, gen: torch.Generator):
+        """Coarse noise for every contrast, the same on a slice's neighbours (a noise blob
+        spans several slices, so the context cannot be averaged to see through it)."""
+        reps = 2 * self.context + 1
+        noise = coarse_noise(x[:, : x.shape[1] // reps], std, scale, gen)
+        return noise.repeat(1, reps, 1, 1) if reps > 1 else noise
 
     def _scales(self) -> list[int]:
         return [int(v) for v in self.hparams["noise_scales"]] or [int(self.hparams["noise_scale"])]
@@ -93,7 +102,7 @@ class DAEModel(SliceModel):
             return [x]
         std = float(self.hparams["noise_std"]) * float(self.hparams["infer_noise"])
         scales = self._scales()
-        return [x + coarse_noise(x, std, scales[d % len(scales)], gen) * m
+        return [x + self._noise(x, std, scales[d % len(scales)], gen) * m
                 for d in range(draws)]
 
 

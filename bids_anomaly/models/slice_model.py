@@ -93,6 +93,19 @@ class SliceModel(AnomalyModel):
             _warn_if_cut(mask, self.hparams["crop"], self.type_name)
         return self.box
 
+    @property
+    def context(self) -> int:
+        """Neighbouring slices on each side given to the network as channels (2.5D); 0: 2D."""
+        return int(self.hparams.get("context", 0) or 0)
+
+    @property
+    def stacked_channels(self) -> int:
+        """Channels of the network's input and output: every contrast at 2k+1 slices."""
+        return len(self.contrasts) * (2 * self.context + 1)
+
+    def _slices(self, volume: np.ndarray, mask: np.ndarray, box, min_brain: float):
+        return volume_to_slices(volume, mask, box, min_brain, self.context)
+
     def make_input(self, clean: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
         return clean
 
@@ -108,9 +121,9 @@ class SliceModel(AnomalyModel):
     def fit(self, volumes, masks, ctx: FitContext) -> dict:
         union = np.any(np.stack(masks), axis=0)
         box = self._box(union)
-        xs, ms = zip(*[volume_to_slices(v, m, box, self.hparams["min_brain"])[:2]
+        xs, ms = zip(*[self._slices(v, m, box, self.hparams["min_brain"])[:2]
                        for v, m in zip(volumes, masks)])
-        val = [volume_to_slices(v, m, box, self.hparams["min_brain"])[:2]
+        val = [self._slices(v, m, box, self.hparams["min_brain"])[:2]
                for v, m in zip(ctx.val_volumes, ctx.val_masks)]
         trainer = TorchTrainer(self.net, self.hparams, ctx, model=self.type_name)
         return trainer.fit(
@@ -124,7 +137,7 @@ class SliceModel(AnomalyModel):
     @torch.no_grad()
     def reconstruct(self, volume, mask, device="cpu"):
         box = self._box(mask)
-        x, m, keep = volume_to_slices(volume, mask, box, 0.0)
+        x, m, keep = self._slices(volume, mask, box, 0.0)
         self.net.to(device).eval()
         out = []
         # Inference is float32 on every device, whatever autocast a caller has switched on:
@@ -139,7 +152,8 @@ class SliceModel(AnomalyModel):
                 recs = [self._forward_recon(inp).float() for inp in
                         self.inference_inputs(xb, mb, gen)]
                 out.append((sum(recs) / len(recs)).cpu())
-        rec = torch.cat(out).numpy() * m.numpy()
+        c, k = len(self.contrasts), self.context
+        rec = torch.cat(out)[:, k * c : (k + 1) * c].numpy() * m.numpy()  # the central slice
         return slices_to_volume(rec, keep, box, self.shape) * mask[None]
 
     def state_dict(self):

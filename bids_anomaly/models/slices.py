@@ -53,11 +53,19 @@ def pad_to(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return arr
 
 
-def volume_to_slices(volume: np.ndarray, mask: np.ndarray, box, min_brain: float = 0.0):
-    """(C, X, Y, Z) → tensors (N, C, h, w) of axial slices and their z indices."""
+def volume_to_slices(volume: np.ndarray, mask: np.ndarray, box, min_brain: float = 0.0,
+                     context: int = 0):
+    """(C, X, Y, Z) → tensors (N, C, h, w) of axial slices and their z indices.
+
+    With ``context`` k > 0 each slice carries its k neighbours on either side as channels:
+    (N, C·(2k+1), h, w), ordered z-k … z+k (C contrasts each), zero beyond the volume."""
     vol = pad_to(volume * mask[None], (box[0].stop, box[1].stop))
     msk = pad_to(mask[None].astype(np.float32), (box[0].stop, box[1].stop))[0]
     v = vol[:, box[0], box[1], :]
+    if context > 0:
+        padded = np.pad(v, ((0, 0), (0, 0), (0, 0), (context, context)))
+        depth = v.shape[-1]
+        v = np.concatenate([padded[..., d : d + depth] for d in range(2 * context + 1)])
     m = msk[box[0], box[1], :]
     frac = m.mean(axis=(0, 1))
     keep = np.nonzero(frac > min_brain)[0]
