@@ -135,7 +135,7 @@ def test_greedy_label_expansion():
 
 
 def test_cli_offers_every_registered_model():
-    from bids_anomaly.cli.main import MODEL_TYPES
+    from bids_anomaly.cli.parser import MODEL_TYPES
 
     from bids_anomaly.models.registry import REGISTRY, get_model_class
 

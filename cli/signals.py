@@ -1,0 +1,70 @@
+"""SIGINT / SIGTERM: stop the run cleanly and exit 130 / 143 with what finished.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from .console import console
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by the SIGINT/SIGTERM handler (carries the signal number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    # Only the first signal interrupts; cleanup (stopping workers, a few seconds at most)
+    # must not itself be interrupted by a second Ctrl-C or a repeated SIGTERM.
+    if getattr(_on_signal, "fired", False):
+        return
+    _on_signal.fired = True
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM stop the run cleanly (exit 130 / 143).
+
+    The runner then stops nipype's workers (found through /proc, see
+    ``bids_anomaly.runner.stop_children``), removes temporary files and reports which scans
+    finished. No process group is created: SLURM/scancel and a terminal's Ctrl-C signal the
+    whole job or foreground group, which still includes every worker.
+    """
+    _on_signal.fired = False
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread (main() called in-process): keep the defaults
+        pass
+
+
+def report_interrupted(exc: KeyboardInterrupt) -> None:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    finished = getattr(exc, "finished", None)
+    pending = getattr(exc, "pending", None)
+    if finished is None:
+        detail = "nothing was running yet"
+    elif getattr(exc, "level", "") == "train":
+        detail = ("the model bundle was not written" if pending else
+                  "the model bundle was complete") + "; preprocessed scans stay in the work dir"
+    else:
+        detail = (f"{len(finished)} of {len(finished) + len(pending)} scan(s) finished"
+                  + (f" ({', '.join(finished)})" if finished else ""))
+    console.print(f"[red]Interrupted by {name}:[/] {detail}; finished outputs are kept and "
+                  "no temporary files remain; re-run the same command (same -w) to resume.",
+                  highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import logging
+
+    logging.shutdown()
+    if not isinstance(exc, Interrupted):
+        sys.exit(128 + int(signum))
+    # os._exit: the interpreter's atexit hooks would wait for nipype's process pool.
+    os._exit(128 + int(signum))
