@@ -28,7 +28,8 @@ def _calib():
 def test_dae_forward_backward_tiny():
     cls = get_model_class("dae")
     model = cls(["T1w"], SHAPE, {"channels": [4, 8], "strides": [2], "crop": [32, 40]})
-    x = torch.rand(2, 1, 32, 40, requires_grad=True)
+    # A slice and its neighbours (context) as channels in, the same channels out.
+    x = torch.rand(2, model.stacked_channels, 32, 40, requires_grad=True)
     out = model.net(x)
     assert out.shape == x.shape
     out.mean().backward()

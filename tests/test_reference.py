@@ -293,15 +293,18 @@ def test_a_card_from_before_a_new_default_loads_as_it_was_trained(tmp_path):
     from tests.model_inputs import SHAPE, tiny_volumes
 
     vols, masks = tiny_volumes(3)
-    old = get_model_class("dae")(["T1w"], SHAPE, {"crop": [32, 40], "skip_dropout": 0.0})
+    old = get_model_class("dae")(["T1w"], SHAPE, {"crop": [32, 40], "skip_dropout": 0.0,
+                                                  "context": 0})
     cal = calibrate(old, vols[2:], masks[2:], ScoringParams(erosion=0, median_size=1))
     card = {"name": "d", "template": "MNI152NLin2009aSym", "resolution": 2}
     path = save_bundle(tmp_path / "b", old, card, cal)
     full = json.loads((path / CARD).read_text())
-    del full["hyperparameters"]["skip_dropout"], full["hyperparameters"]["anomaly_p"]
+    for key in ("skip_dropout", "anomaly_p", "context"):  # keys newer than the card
+        del full["hyperparameters"][key]
     (path / CARD).write_text(json.dumps(full))
     loaded = load_bundle(path)
     assert loaded.model.hparams["skip_dropout"] == 0.0
+    assert loaded.model.hparams["context"] == 0  # 2D slices, whatever today's default
     np.testing.assert_array_equal(loaded.model.reconstruct(vols[0], masks[0]),
                                   old.reconstruct(vols[0], masks[0]))
     assert get_model_class("dae").defaults["skip_dropout"] == 1.0
