@@ -95,7 +95,7 @@ WORKDIR /work
 # /work so that the installed package, not a source tree, is imported. Caches stay writable by
 # any UID.
 RUN python -c "import ants, SimpleITK, monai, nipype, bids, nilearn, bids_anomaly.cli.main, bids_anomaly.workflows" \
-    && python -c "from bids_anomaly.templates import load_template; load_template(1); load_template(2)" \
+    && python -c "from bids_anomaly.core.templates import load_template; load_template(1); load_template(2)" \
     && python -c "import deepbet, pathlib; from deepbet.utils import DATA_PATH; w = [pathlib.Path(DATA_PATH, 'models', n) for n in ('model.pt', 'bbox_model.pt')]; assert all(p.is_file() and p.stat().st_size > 1000000 for p in w), w; from deepbet.bet import BrainExtraction; BrainExtraction(no_gpu=True)" \
     && python -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot" \
     && bids-anomaly --version \

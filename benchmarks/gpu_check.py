@@ -31,7 +31,7 @@ What it does, per model (``dae``; ``ddpm`` too with ``--ddpm``):
    healthy volumes (a quarter held out for validation and calibration) and one volume with a
    synthetic hyper-intense lesion. ``phantom``: a three-tissue ellipsoidal brain with folds,
    ventricles, a smooth bias field and noise, numpy only; ``template``: nilearn's packaged
-   template (``bids_anomaly.templates.load_template(2)``) with smooth random intensity
+   template (``bids_anomaly.core.templates.load_template(2)``) with smooth random intensity
    fields, small shifts and noise; ``auto``: template where nibabel and nilearn import;
 3. the model's own ``fit`` (TorchTrainer: AMP and pinned memory on CUDA) for exactly
    ``--epochs`` epochs (patience and time budget disabled), on CPU (``--threads``, default:
@@ -114,7 +114,7 @@ def phantom_brain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def template_brain(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The packaged template with a smooth intensity field, a shift of up to 2 voxels, noise."""
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.core.templates import load_template
 
     t = load_template(2)
     shift = tuple(int(s) for s in rng.integers(-2, 3, 3))
@@ -143,7 +143,7 @@ def add_lesion(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator
 def make_cohort(kind: str, n_healthy: int, seed: int) -> dict:
     if kind == "auto":
         try:
-            from bids_anomaly.templates import load_template
+            from bids_anomaly.core.templates import load_template
 
             load_template(2)
             kind = "template"
@@ -265,9 +265,10 @@ def epoch_stats(hist: dict, wall: float) -> dict:
 def bench_model(name: str, data: dict, args, cuda: bool, rep: Report) -> dict:
     import torch
 
-    from bids_anomaly.calibration import calibrate
+    from bids_anomaly.calibration.out_of_fold import calibrate
+    from bids_anomaly.calibration.types import ScoringParams
+    from bids_anomaly.inference.scoring import score_volume
     from bids_anomaly.models.registry import get_model_class
-    from bids_anomaly.scoring import ScoringParams, score_volume
 
     cls = get_model_class(name)
     epochs = args.ddpm_epochs if name == "ddpm" else args.epochs

@@ -134,10 +134,10 @@ def _jobs(cache: Path) -> list[tuple[str, str, dict, str | None]]:
 
 
 def _prepare_one(job, cache: Path) -> str:
-    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.preprocessing.pipeline import PreprocResult, preprocess_scan
     from bids_anomaly.preprocessing.registration import to_template
-    from bids_anomaly.templates import load_template
 
     group, name, files, label = job
     out = cache / "preproc" / group / name
@@ -183,8 +183,7 @@ def _lesioned(volume: np.ndarray, brain: np.ndarray, rng) -> tuple[np.ndarray, n
 
 def _eval_scans(cache: Path):
     """(group, name, volume (C,X,Y,Z) stage 1, brain, label or None) for every measured scan."""
-    from bids_anomaly.fit import load_volume
-    from bids_anomaly.preprocessing.pipeline import PreprocResult
+    from bids_anomaly.preprocessing.pipeline import PreprocResult, load_volume
 
     for group in ("ixi", "brats2015", "openms", "shift", "nichart"):
         for d in sorted((cache / "preproc" / group).glob("*")):
@@ -207,13 +206,13 @@ def run(cache: Path, name: str, seed: int, threads: int) -> dict:
     import torch
     from scipy import ndimage
 
-    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.evaluation import voxel_metrics
-    from bids_anomaly.fit import FitInputs, fit_bundle
+    from bids_anomaly.inference.scoring import score_volume
     from bids_anomaly.models.bundle import load_bundle
     from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-    from bids_anomaly.scoring import score_volume
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.training.fit import FitInputs, fit_bundle
 
     torch.set_num_threads(threads)
     model_type, config, scoring = CONFIGS[name]
@@ -279,11 +278,11 @@ def run(cache: Path, name: str, seed: int, threads: int) -> dict:
 def combine(cache: Path, names: list[str], seed: int) -> dict:
     """Pooled voxel AUPRC of each configuration's statmap and of their mean (an ensemble of
     statmaps; thresholds are not recalibrated, so only the ranking metric is reported)."""
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.evaluation import voxel_metrics
+    from bids_anomaly.inference.scoring import score_volume
     from bids_anomaly.models.bundle import load_bundle
     from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-    from bids_anomaly.scoring import score_volume
-    from bids_anomaly.templates import load_template
 
     bundles = [load_bundle(cache / "bundles" / f"{n}-s{seed}") for n in names]
     template = load_template(2)
@@ -321,11 +320,11 @@ def folds(cache: Path, name: str, seed: int, draws: int) -> dict:
     out-of-fold reference (thresholds not recalibrated: the ranking metric only)."""
     import torch
 
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.evaluation import voxel_metrics
+    from bids_anomaly.inference.scoring import score_volume
     from bids_anomaly.models.bundle import load_bundle
     from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-    from bids_anomaly.scoring import score_volume
-    from bids_anomaly.templates import load_template
 
     model_type, config, _ = CONFIGS[name]
     bundle = load_bundle(cache / "bundles" / f"{name}-s{seed}")

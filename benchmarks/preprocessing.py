@@ -46,9 +46,9 @@ def main() -> None:
     if not DATA.exists():
         raise SystemExit(f"shared data not found at {DATA}")
 
-    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.preprocessing.pipeline import preprocess_scan
-    from bids_anomaly.templates import load_template
 
     template = load_template(2)
     rows, times = [], []
@@ -98,8 +98,8 @@ def main() -> None:
 
 def warm_rerun(tmp: Path, n: int) -> None:
     """The nipype workflow on ``n`` IXI subjects (--nprocs 2), then again from the cache."""
-    from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig
-    from bids_anomaly.runner import discover, run_preprocessing
+    from bids_anomaly.core.config import ResourceConfig, RunConfig, SelectionConfig
+    from bids_anomaly.runner.common import discover, run_preprocessing
 
     ds = DATA / "ixi-t1"
     labels = tuple(subjects(ds)[:n])

@@ -185,9 +185,11 @@ def _flag_count(group_table: Path) -> tuple[int, int]:
 
 def run_seed(args, seed: int, root: Path, datasets: dict, timings: dict) -> tuple[list, list]:
     """Train every model with ``seed``, score every dataset; (metric rows, scan-level rows)."""
-    from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig, TrainConfig
+    from bids_anomaly.core.config import ResourceConfig, RunConfig, SelectionConfig, TrainConfig
     from bids_anomaly.evaluation import evaluate_outputs
-    from bids_anomaly.runner import run_group, run_participant, run_train
+    from bids_anomaly.runner.participant import run_participant
+    from bids_anomaly.runner.reports import run_group
+    from bids_anomaly.runner.train import run_train
 
     work = root / "work"  # shared across seeds: each scan is preprocessed once
     models_out = root / f"train-s{seed}"

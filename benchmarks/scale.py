@@ -25,7 +25,7 @@ from pathlib import Path
 
 from _common import print_table
 
-from bids_anomaly.interrupt import descendants
+from bids_anomaly.core.interrupt import descendants
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -75,7 +75,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = sorted(set(args.sizes))
 
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="ba-scale-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def synth_dataset(root: Path, n: int, seed: int) -> tuple[Path, list[str]]:
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     n_pat = n // 2
     cohort = generate_cohort(root, SynthConfig(
@@ -101,9 +102,10 @@ def synth_dataset(root: Path, n: int, seed: int) -> tuple[Path, list[str]]:
 
 def train_bundle(root: Path, minutes: float, nprocs: int) -> Path:
     """A dae trained on a small synthetic healthy cohort (when no --bundle is available)."""
-    from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig, TrainConfig
-    from bids_anomaly.runner import run_train
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.core.config import ResourceConfig, RunConfig, SelectionConfig, TrainConfig
+    from bids_anomaly.runner.train import run_train
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     cohort = generate_cohort(root / "train-bids", SynthConfig(
         n_healthy=8, n_healthy_test=0, n_patients=0, voxel_size=2.0, seed=123))
@@ -116,7 +118,7 @@ def train_bundle(root: Path, minutes: float, nprocs: int) -> Path:
 
 
 def run_cfg(bids: Path, out: Path, work: Path, labels: list[str], nprocs: int, omp: int):
-    from bids_anomaly.config import ResourceConfig, RunConfig, SelectionConfig
+    from bids_anomaly.core.config import ResourceConfig, RunConfig, SelectionConfig
 
     return RunConfig(bids_dir=bids, output_dir=out, work_dir=work,
                      selection=SelectionConfig(participant_labels=tuple(labels)),
@@ -157,7 +159,7 @@ def main() -> None:
     sampler = CpuSampler(os.getpid())
     sampler.start()
     t_imp = time.perf_counter()
-    from bids_anomaly.runner import run_participant
+    from bids_anomaly.runner.participant import run_participant
 
     print(f"imports {time.perf_counter() - t_imp:.1f} s; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs", flush=True)

@@ -6,7 +6,8 @@
 
 NiChart (23 older adults, another scanner and protocol than the IXI training cohort, 2 mm,
 uint8-quantised) stands in for a new site. A bundle trained by ``model_search.py`` on 8 IXI
-brains is re-referenced (:func:`bids_anomaly.recalibrate.recalibrate_bundle`, weights untouched,
+brains is re-referenced
+(:func:`bids_anomaly.training.recalibrate.recalibrate_bundle`, weights untouched,
 as ``bids-anomaly calibrate`` does) to ``--calibrate`` NiChart participants drawn at random; the
 others are scored against both references. Measured on them: the shipped mask's observed voxel
 FPR (nominal 0.1%) inside the eroded brain away from the white-matter hyperintensities (the
@@ -30,9 +31,9 @@ from model_search import CACHE, run
 
 def wmh_in_template(cache: Path, subject: str) -> np.ndarray:
     """The subject's DLWMLS mask on the template grid (cached beside its preprocessing)."""
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.preprocessing.pipeline import PreprocResult
     from bids_anomaly.preprocessing.registration import to_template
-    from bids_anomaly.templates import load_template
 
     out = cache / "preproc" / "nichart" / subject
     path = out / "wmh.nii.gz"
@@ -60,13 +61,12 @@ def wmh_in_template(cache: Path, subject: str) -> np.ndarray:
 def measure(cache: Path, config: str, seed: int, n_calib: int) -> list[dict]:
     from scipy import ndimage
 
-    from bids_anomaly.fit import load_volume
+    from bids_anomaly.core.templates import load_template
+    from bids_anomaly.inference.scoring import score_volume
     from bids_anomaly.models.bundle import load_bundle
-    from bids_anomaly.preprocessing.pipeline import PreprocResult
+    from bids_anomaly.preprocessing.pipeline import PreprocResult, load_volume
     from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-    from bids_anomaly.recalibrate import ReferenceScan, recalibrate_bundle
-    from bids_anomaly.scoring import score_volume
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.training.recalibrate import ReferenceScan, recalibrate_bundle
 
     src = cache / "bundles" / f"{config}-s{seed}"
     if not (src / "model.json").exists():

@@ -39,11 +39,11 @@ import nibabel as nb
 import torch
 from pathlib import Path
 torch.set_num_threads(int(sys.argv[3]))
-from bids_anomaly.fit import load_volume
+from bids_anomaly.preprocessing.pipeline import load_volume
 from bids_anomaly.models.bundle import load_bundle
 from bids_anomaly.preprocessing.pipeline import PreprocResult
 from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-from bids_anomaly.scoring import score_volume
+from bids_anomaly.inference.scoring import score_volume
 b = load_bundle(Path(sys.argv[1]))
 t_load = time.perf_counter() - t0
 res = PreprocResult.load(Path(sys.argv[2]))
@@ -75,7 +75,7 @@ def subjects() -> list[str]:
 
 def preprocess_all(cache: Path, threads: int) -> dict[str, Path]:
     """sub → preproc.json, preprocessing what the cache lacks."""
-    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.core.config import PreprocConfig
     from bids_anomaly.preprocessing.pipeline import preprocess_scan
 
     out = {}
@@ -96,9 +96,9 @@ def one_model(model: str, epochs: int, threads: int, cache: Path) -> dict:
 
     import torch
 
-    from bids_anomaly.config import PreprocConfig
-    from bids_anomaly.fit import FitInputs, fit_bundle
+    from bids_anomaly.core.config import PreprocConfig
     from bids_anomaly.models.registry import get_model_class
+    from bids_anomaly.training.fit import FitInputs, fit_bundle
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
     torch.set_num_threads(threads)

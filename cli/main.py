@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from bids_anomaly.errors import BidsAnomalyError, ExitCode
+from bids_anomaly.core.errors import BidsAnomalyError, ExitCode
 
 from .argv import expand_greedy
 from .console import console

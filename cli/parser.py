@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from bids_anomaly.errors import UnknownAnalysisLevelError
+from bids_anomaly.core.errors import UnknownAnalysisLevelError
 
 from .console import setup_logging
 
@@ -88,7 +88,7 @@ QUIET = click.option("-q", "--quiet", is_flag=True,
 
 
 def progress_config(kw):
-    from bids_anomaly.config import ProgressConfig
+    from bids_anomaly.core.config import ProgressConfig
 
     return ProgressConfig(mode="quiet" if kw.get("quiet") else "auto")
 
@@ -161,7 +161,7 @@ def check_level(level: str, allowed=LEVELS) -> str:
 
 def build_config(bids_dir, output_dir, kw, contrasts=("T1w",), healthy=()):
     from bids_anomaly.bids_io.discovery import check_bids_root, load_filter_file
-    from bids_anomaly.config import PreprocConfig, ResourceConfig, RunConfig, SelectionConfig
+    from bids_anomaly.core.config import PreprocConfig, ResourceConfig, RunConfig, SelectionConfig
 
     setup_logging(kw.get("verbose", 0))
     check_bids_root(bids_dir)

@@ -2,8 +2,8 @@
 BIDS-App positional form (``BIDS_DIR OUTPUT_DIR LEVEL``, the hidden ``run`` command).
 
 Each parses and validates its options, builds the configuration dataclasses, calls one library
-function (``bids_anomaly.runner``, ``evaluation``, ``bundle_info``, ``demo``) and prints the
-result; all science lives in the library.
+function (``bids_anomaly.runner``, ``evaluation``, ``models.bundle_info``, ``runner.demo``) and
+prints the result; all science lives in the library.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from bids_anomaly import __version__
-from bids_anomaly.errors import UsageError
+from bids_anomaly.core.errors import UsageError
 
 from .console import console, print_card, print_evaluation, print_summary, setup_logging
 from .parser import (
@@ -67,7 +67,7 @@ def run_cmd(bids_dir, output_dir, analysis_level, model, **kw):
 
 
 def _score(bids_dir, output_dir, model, kw):
-    from bids_anomaly.runner import run_participant
+    from bids_anomaly.runner.participant import run_participant
 
     if not model:
         raise UsageError("the participant level needs --model (a bundle path or name)")
@@ -79,7 +79,7 @@ def _score(bids_dir, output_dir, model, kw):
 
 def _group(bids_dir, output_dir, kw):
     from bids_anomaly.bids_io.discovery import check_bids_root
-    from bids_anomaly.runner import run_group
+    from bids_anomaly.runner.reports import run_group
 
     setup_logging(kw.get("verbose", 0))
     check_bids_root(bids_dir)
@@ -119,8 +119,8 @@ def train_cmd(bids_dir, output_dir, healthy_filter, model_type, model_name, mode
     Example:
       bids-anomaly train /data/ixi /data/ixi/derivatives/bids-anomaly --healthy-filter group=control
     """
-    from bids_anomaly.config import CONTRASTS, TrainConfig
-    from bids_anomaly.runner import run_train
+    from bids_anomaly.core.config import CONTRASTS, TrainConfig
+    from bids_anomaly.runner.train import run_train
 
     cons = [c.strip() for c in contrasts.split(",") if c.strip()]
     if not cons or cons[0] != "T1w" or any(c not in CONTRASTS for c in cons):
@@ -162,7 +162,7 @@ def calibrate_cmd(bids_dir, output_dir, model, healthy_filter, model_name, **kw)
       bids-anomaly calibrate /data/siteB /data/siteB/derivatives/bids-anomaly \\
           --model /models/dae --healthy-filter group=control
     """
-    from bids_anomaly.runner import run_calibrate
+    from bids_anomaly.runner.train import run_calibrate
 
     cfg = build_config(bids_dir, output_dir, kw, healthy=healthy_filter)
     summary = run_calibrate(cfg, model, model_name)
@@ -199,12 +199,12 @@ def score_cmd(bids_dir, output_dir, analysis_level, model, **kw):
 @QUIET
 def report_cmd(bids_dir, output_dir, analysis_level, verbose, quiet, participant_label, **_):
     """Rebuild the HTML reports from existing derivatives (nothing is recomputed)."""
-    from bids_anomaly.runner import run_reports
+    from bids_anomaly.runner.reports import run_reports
 
     check_level(analysis_level)
     setup_logging(verbose)
     if not output_dir.is_dir():
-        from bids_anomaly.errors import MissingInputError
+        from bids_anomaly.core.errors import MissingInputError
 
         raise MissingInputError(f"OUTPUT_DIR {output_dir} does not exist")
     subjects = [p.removeprefix("sub-") for p in participant_label] or None
@@ -251,7 +251,7 @@ def info_cmd(bundle, as_json):
     Example:
       bids-anomaly info /data/ixi/derivatives/bids-anomaly/models/dae
     """
-    from bids_anomaly.bundle_info import bundle_info
+    from bids_anomaly.models.bundle_info import bundle_info
 
     info = bundle_info(bundle)
     if as_json:
@@ -275,9 +275,9 @@ def demo_cmd(directory, n_healthy, n_patients, minutes, nprocs, seed, verbose, q
 
     Everything is made locally from the MNI152 template shipped with nilearn: no download.
     """
-    from bids_anomaly.config import ResourceConfig
-    from bids_anomaly.demo import DEMO_DAE, DemoConfig, run_demo
-    from bids_anomaly.synth import SynthConfig
+    from bids_anomaly.core.config import ResourceConfig
+    from bids_anomaly.runner.demo import DEMO_DAE, DemoConfig, run_demo
+    from bids_anomaly.synth.config import SynthConfig
 
     setup_logging(verbose)
     cfg = DemoConfig(

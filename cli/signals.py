@@ -31,7 +31,7 @@ def install_signal_handlers() -> None:
     """SIGINT and SIGTERM stop the run cleanly (exit 130 / 143).
 
     The runner then stops nipype's workers (found through /proc, see
-    ``bids_anomaly.runner.stop_children``), removes temporary files and reports which scans
+    ``bids_anomaly.core.interrupt.stop_children``), removes temporary files and reports which scans
     finished. No process group is created: SLURM/scancel and a terminal's Ctrl-C signal the
     whole job or foreground group, which still includes every worker.
     """

@@ -29,7 +29,8 @@ def tree_hash(root: Path, exclude: Path | None = None) -> str:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory):
     """4 mm cohort with two sessions: 3 train, 1 healthy test, 1 patient."""
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("tiny") / "bids"
     return generate_cohort(root, SynthConfig(n_healthy=3, n_healthy_test=1, n_patients=1,

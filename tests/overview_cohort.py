@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bids_anomaly.atomic import write_bytes
-from bids_anomaly.naming import ScanKey, ScanOutputs
+from bids_anomaly.core.atomic import write_bytes
+from bids_anomaly.core.naming import ScanKey, ScanOutputs
+from bids_anomaly.core.templates import load_template
 from bids_anomaly.reports import build_group_report
 from bids_anomaly.reports.thumbnails import render_thumbnail
-from bids_anomaly.templates import load_template
 
 COLUMNS = ["participant_id", "session_id", "run", "scan_id", "model", "score", "percentile",
            "flagged", "status", "error", "n_clusters", "anomaly_volume_mm3", "report"]

@@ -50,7 +50,8 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def concurrent(tmp_path_factory):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("concurrency")
     cohort = generate_cohort(root / "bids", SynthConfig(

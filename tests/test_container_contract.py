@@ -200,7 +200,8 @@ def contract():
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("needs root to run the CLI as an arbitrary unprivileged UID (as Apptainer "
                     "and `docker run --user` do)")
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     cli = _cli()
     # pytest's tmp_path is 0700 under /tmp/pytest-of-root: use a base other users can enter.

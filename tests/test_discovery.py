@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from bids_anomaly.bids_io.discovery import discover_scans, healthy_subjects, load_filter_file
-from bids_anomaly.config import SelectionConfig
-from bids_anomaly.errors import DataError, EmptySelectionError, ExitCode
+from bids_anomaly.core.config import SelectionConfig
+from bids_anomaly.core.errors import DataError, EmptySelectionError, ExitCode
 
 
 def test_all_scans_with_sessions(tiny_cohort, tmp_path):
@@ -97,7 +97,7 @@ def test_missing_extra_contrast_fails_that_scan_only(tiny_cohort, tmp_path):
 
 def test_missing_extra_contrast_everywhere_fails_every_scan(tiny_cohort, tmp_path):
     """No FLAIR at all: every scan fails with 66 (a run then exits 66); nothing raises."""
-    from bids_anomaly.runner import RunSummary, ScanStatus, precheck
+    from bids_anomaly.runner.common import RunSummary, ScanStatus, precheck
 
     sel = SelectionConfig(participant_labels=("h01",), contrasts=("T1w", "FLAIR"))
     scans = discover_scans(tiny_cohort.root, sel)
@@ -131,7 +131,7 @@ def test_two_images_of_an_extra_contrast_are_ambiguous(tiny_cohort, tmp_path):
 
 def test_precheck_maps_discovery_errors_to_their_codes(tiny_cohort, tmp_path):
     """Missing FLAIR -> 66, two FLAIRs -> 65, the clean scans pass; mixed codes exit 1."""
-    from bids_anomaly.runner import RunSummary, ScanStatus, precheck
+    from bids_anomaly.runner.common import RunSummary, ScanStatus, precheck
 
     root = _copy_with_flair(tiny_cohort, tmp_path, ["sub-h01_ses-1", "sub-t01_ses-1"])
     anat = root / "sub-h01/ses-1/anat"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 from bids_anomaly.bids_io.discovery import discover_scans
-from bids_anomaly.config import SelectionConfig
+from bids_anomaly.core.config import SelectionConfig
 
 
 def test_index_per_dataset_and_fresh(tiny_cohort, tmp_path):

@@ -65,7 +65,8 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("e2e")
     cohort = generate_cohort(root / "bids", SynthConfig(
@@ -260,8 +261,8 @@ def test_native_maps_align_with_the_input(pipeline, tmp_path, model):
     slicing, so both models are checked. Control: the same native map shifted by one voxel
     (3 mm; the dae: two voxels, see ALIGNMENT) fails the check.
     """
+    from bids_anomaly.core.naming import ScanKey, ScanOutputs
     from bids_anomaly.evaluation.agreement import native_template_agreement
-    from bids_anomaly.naming import ScanKey, ScanOutputs
 
     folder, shift, floor, tolerance = ALIGNMENT[model]
     out, labels = pipeline[folder], pipeline["cohort"].labels_dir

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_anomaly.errors import DataError, EmptySelectionError, MissingInputError
+from bids_anomaly.core.errors import DataError, EmptySelectionError, MissingInputError
+from bids_anomaly.core.naming import ScanKey, ScanOutputs, build_name, sidecar
 from bids_anomaly.evaluation import (
     EvaluationResult,
     evaluate_outputs,
@@ -20,7 +21,6 @@ from bids_anomaly.evaluation import (
     voxel_metrics,
     write_evaluation,
 )
-from bids_anomaly.naming import ScanKey, ScanOutputs, build_name, sidecar
 
 SHAPE = (10, 10, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -347,8 +347,9 @@ def _healthy_labels(root: Path, key: ScanKey, affine: np.ndarray, shape) -> Path
 
 
 def test_defined_region_is_scorings_eroded_mask() -> None:
+    from bids_anomaly.calibration.statmap import postprocess
+    from bids_anomaly.calibration.types import ScoringParams
     from bids_anomaly.evaluation import defined_region
-    from bids_anomaly.scoring import ScoringParams, postprocess
 
     brain = np.zeros((12, 12, 12), bool)
     brain[2:10, 3:11, 1:9] = True
@@ -365,7 +366,7 @@ def test_healthy_fpr_counts_only_where_the_statmap_is_defined(tmp_path: Path) ->
     negatives (the whole brain mask, as before) dilutes it by the rim's share."""
     from scipy.stats import norm
 
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.core.templates import load_template
 
     tpl = load_template(2)
     key = ScanKey("h1")
@@ -398,7 +399,7 @@ def test_native_fpr_excludes_voxels_diluted_by_the_undefined_rim(tmp_path: Path)
     template one, so native voxels near the eroded rim mix z with the rim's zeros. A statmap
     that is 5 wherever it is defined must exceed a threshold of 4.9 at every native voxel
     counted (observed FPR exactly 1), and a healthy scan's template FPR too."""
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.core.templates import load_template
 
     tpl = load_template(2)
     key = ScanKey("h2")

@@ -27,9 +27,9 @@ from nipype import Node, Workflow
 from nipype.interfaces.utility import Function
 
 from bids_anomaly.bids_io import derivatives
-from bids_anomaly.config import ResourceConfig, RunConfig
-from bids_anomaly.errors import ExitCode
-from bids_anomaly.naming import ScanKey
+from bids_anomaly.core.config import ResourceConfig, RunConfig
+from bids_anomaly.core.errors import ExitCode
+from bids_anomaly.core.naming import ScanKey
 from bids_anomaly.workflows.base import (
     WorkflowRun,
     node_name,
@@ -46,7 +46,7 @@ LINEAR = ResourceConfig(nprocs=1, plugin="Linear")
 
 def _step(x, fail):
     if fail:
-        from bids_anomaly.errors import DataError
+        from bids_anomaly.core.errors import DataError
 
         raise DataError(fail)
     return x
@@ -161,7 +161,7 @@ def test_failing_score_node_fails_its_scan_with_that_nodes_message(tmp_path):
 
 def test_run_gets_its_own_crash_folder(tmp_path):
     """setup_run: a crash folder per process under logs/, never logs/ itself."""
-    from bids_anomaly.runner import LOG, setup_run
+    from bids_anomaly.runner.common import LOG, setup_run
 
     bids = tmp_path / "bids"
     bids.mkdir()
@@ -293,7 +293,8 @@ def cohort(tmp_path_factory):
     The bundle is trained with ``-w work`` so that scoring 1 and 11 with the same work dir
     reuses their preprocessing.
     """
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("failures")
     c = generate_cohort(root / "bids", SynthConfig(

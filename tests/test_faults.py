@@ -41,7 +41,8 @@ def score_args(fx, out, work):
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("faults")
     cohort = generate_cohort(root / "bids", SynthConfig(

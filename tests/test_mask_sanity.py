@@ -6,7 +6,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from bids_anomaly.errors import DataError
+from bids_anomaly.core.errors import DataError
 from bids_anomaly.preprocessing.brain_mask import image_support
 from bids_anomaly.preprocessing.checks import check_brain, load_checked, mask_principal_extents
 
@@ -64,7 +64,8 @@ def test_ball_of_noise_is_refused_by_preprocessing(tmp_path, n, vs, background_s
 def test_synthetic_heads_pass(tmp_path):
     """Synthetic heads with and without skull, through the brain extraction preprocessing uses."""
     from bids_anomaly.preprocessing.pipeline import brain_mask_for
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     methods = set()
     for skull in (True, False):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from bids_anomaly.errors import BundleError
+from bids_anomaly.calibration.types import Calibration
+from bids_anomaly.core.errors import BundleError
 from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle, sha256
 from bids_anomaly.models.registry import get_model_class
-from bids_anomaly.scoring import Calibration
 
 from .model_inputs import SHAPE, tiny_volumes
 

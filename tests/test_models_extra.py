@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from bids_anomaly.calibration.types import Calibration
 from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
 from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.models.trainer import masked_loss
 from bids_anomaly.models.vae import kl_divergence
-from bids_anomaly.scoring import Calibration
 
 from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
 

@@ -8,7 +8,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from bids_anomaly.errors import DataError
+from bids_anomaly.core.errors import DataError
 from bids_anomaly.preprocessing.bias import n4_correct
 from bids_anomaly.preprocessing.brain_mask import skull_stripped_mask
 from bids_anomaly.preprocessing.checks import load_checked
@@ -127,7 +127,8 @@ def test_normalisation_is_invariant_to_affine_rescaling():
 
 
 def test_skull_stripped_detection(tmp_path):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     for skull in (True, False):
         root = tmp_path / f"skull{skull}"
@@ -148,10 +149,11 @@ def test_skull_stripped_detection(tmp_path):
 
 def test_native_round_trip(tmp_path):
     """A template-space map brought back to native space lands where it came from."""
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.preprocessing.pipeline import preprocess_scan
     from bids_anomaly.preprocessing.registration import to_native, to_template
-    from bids_anomaly.synth import SynthConfig, generate_cohort
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path / "bids"
     generate_cohort(root, SynthConfig(n_healthy=1, n_healthy_test=0, n_patients=0,
@@ -181,11 +183,12 @@ def test_syn_registration_round_trip(tmp_path):
     """With SyN, the warps are kept and native maps use the inverse warp."""
     from dataclasses import replace
 
-    from bids_anomaly.config import PreprocConfig
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.preprocessing.pipeline import preprocess_scan
     from bids_anomaly.preprocessing.registration import to_native, warp_paths
-    from bids_anomaly.synth import SynthConfig, generate_cohort
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path / "bids"
     generate_cohort(root, SynthConfig(n_healthy=1, n_healthy_test=0, n_patients=0,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bids_anomaly.config import ProgressConfig
+from bids_anomaly.core.config import ProgressConfig
 from bids_anomaly.progress import PROGRESS_FILE, StepState, TrainingView, WorkflowProgress
 from bids_anomaly.progress.display import PlainStep
 from bids_anomaly.progress.records import Tail, node_progress
@@ -166,7 +166,8 @@ def run_in_pty(args: list[str], timeout: float = 600) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("progress")
     c = generate_cohort(root / "bids", SynthConfig(

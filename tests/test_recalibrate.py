@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bids_anomaly.config import PreprocConfig
-from bids_anomaly.fit import FitInputs, fit_bundle
+from bids_anomaly.core.config import PreprocConfig
+from bids_anomaly.core.reference import file_sha256, reference_role
+from bids_anomaly.core.templates import load_template
+from bids_anomaly.inference.scoring import score_volume
 from bids_anomaly.models.bundle import load_bundle
 from bids_anomaly.preprocessing.standardise import standardise_for_bundle
-from bids_anomaly.recalibrate import ReferenceScan, recalibrate_bundle
-from bids_anomaly.reference import file_sha256, reference_role
-from bids_anomaly.scoring import score_volume
-from bids_anomaly.templates import load_template
+from bids_anomaly.training.fit import FitInputs, fit_bundle
+from bids_anomaly.training.recalibrate import ReferenceScan, recalibrate_bundle
 
 
 def _scan(template, rng, site: str) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_calibrate_keeps_the_weights_and_names_the_new_reference(sites):
     assert new.calibration.reference["n_scans"] == 5
     assert new.calibration.thresholds != bundle.calibration.thresholds
     # A control of the new reference is recognised when it is scored; the others are not.
-    from bids_anomaly.reference import reference_scans
+    from bids_anomaly.core.reference import reference_scans
 
     refs = reference_scans(new.card)
     assert reference_role(refs, b_files[0][1], "x", "b0") == "calibration"

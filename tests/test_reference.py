@@ -9,24 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from bids_anomaly.calibration import calibrate
-from bids_anomaly.errors import BundleError
-from bids_anomaly.models.base import AnomalyModel, FitContext, register
-from bids_anomaly.models.bundle import CARD, load_bundle, save_bundle, sha256
-from bids_anomaly.models.registry import get_model_class
-from bids_anomaly.reference import file_sha256, reference_role
-from bids_anomaly.scoring import (
+from bids_anomaly.calibration.out_of_fold import calibrate
+from bids_anomaly.calibration.statmap import anomaly_map, postprocess, threshold_mask, to_statmap
+from bids_anomaly.calibration.types import (
     MIN_REFERENCE_SCANS,
     RECOMMENDED_REFERENCE_SCANS,
     ScoringParams,
-    anomaly_map,
-    flag_score,
-    percentile_among,
-    postprocess,
     reference_status,
-    threshold_mask,
-    to_statmap,
 )
+from bids_anomaly.core.errors import BundleError
+from bids_anomaly.core.reference import file_sha256, reference_role
+from bids_anomaly.inference.scoring import flag_score, percentile_among
+from bids_anomaly.models.base import AnomalyModel, FitContext, register
+from bids_anomaly.models.bundle import CARD, load_bundle, save_bundle, sha256
+from bids_anomaly.models.registry import get_model_class
 
 SEEN: dict = {}
 
@@ -66,7 +62,7 @@ def probe_model():
 
 def _preproc_cohort(tmp_path, n: int):
     """``n`` template-space scans on disk; participant k's brain mask lacks k voxels."""
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.core.templates import load_template
 
     from .model_inputs import write_preprocessed
 
@@ -85,7 +81,7 @@ def _preproc_cohort(tmp_path, n: int):
 
 
 def test_folds_keep_fit_validation_and_calibration_apart():
-    from bids_anomaly.fit import plan_folds
+    from bids_anomaly.training.fit import plan_folds
 
     subjects = [f"{i:02d}" for i in range(10)]
     for seed in range(5):
@@ -109,8 +105,8 @@ def test_fit_bundle_never_chooses_the_epoch_on_calibration_participants(tmp_path
     """In every fold the validation participant (early stopping) and the fold's calibration
     participants differ; the calibration residuals are out of fold; the card says who did
     what, and the shipped model is fit on everyone."""
-    from bids_anomaly.config import PreprocConfig
-    from bids_anomaly.fit import FitInputs, fit_bundle
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.training.fit import FitInputs, fit_bundle
 
     jsons, subjects = _preproc_cohort(tmp_path, 6)
     SEEN["calls"] = []

@@ -13,10 +13,11 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from bids_anomaly.naming import ScanKey, ScanOutputs
+from bids_anomaly.core.mosaic import mosaic
+from bids_anomaly.core.naming import ScanKey, ScanOutputs
+from bids_anomaly.core.templates import load_template
 from bids_anomaly.reports import build_group_report, build_participant_report, figures
 from bids_anomaly.reports.html import esc, json_script, safe_relative_href
-from bids_anomaly.templates import load_template
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ERROR_MSG = 'Registration failed: <script>alert("x")</script> & cost > 1e9'
@@ -495,8 +496,8 @@ def test_figures_shapes() -> None:
     vol[5:25, 6:30, 4:24] = np.linspace(0, 1, 20 * 24 * 20).reshape(20, 24, 20)
     stat = np.zeros_like(vol)
     stat[12:16, 14:18, 10:14] = 5.0
-    png = figures.mosaic(vol, overlay=stat, overlay_threshold=3.0, mask_contour=vol > 0,
-                         n_slices=4)
+    png = mosaic(vol, overlay=stat, overlay_threshold=3.0, mask_contour=vol > 0,
+                 n_slices=4)
     assert png.startswith(PNG)
     out = figures.anomaly_mosaics(vol, vol, stat, stat > 3, None)
     assert set(out) == {"input", "recon", "overlay"}

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bids_anomaly.naming import ScanKey
+from bids_anomaly.core.naming import ScanKey
+from bids_anomaly.core.templates import load_template
 from bids_anomaly.reports import build_group_report, build_participant_report
-from bids_anomaly.templates import load_template
 from tests.test_reports import GROUP_COLUMNS, _write_scan
 
 CHROMIUM = Path("/usr/bin/chromium")

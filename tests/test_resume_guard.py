@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bids_anomaly.errors import DataError, ExitCode
+from bids_anomaly.core.errors import DataError, ExitCode
 from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.models.trainer import deterministic_algorithms

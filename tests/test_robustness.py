@@ -62,7 +62,8 @@ def assert_no_partial_outputs(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("robust")
     cohort = generate_cohort(root / "bids", SynthConfig(

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bids_anomaly.calibration import calibrate
-from bids_anomaly.scoring import (
-    ScoringParams,
-    clusters_table,
-    percentile_among,
-    scan_score,
-    threshold_mask,
-)
+from bids_anomaly.calibration.out_of_fold import calibrate
+from bids_anomaly.calibration.statmap import scan_score, threshold_mask
+from bids_anomaly.calibration.types import ScoringParams
+from bids_anomaly.inference.scoring import clusters_table, percentile_among
 
 
 class _Noise:
@@ -68,7 +64,7 @@ def test_scan_score_and_percentile():
 
 
 def test_flag_score_is_the_flag_percentile():
-    from bids_anomaly.scoring import flag_score
+    from bids_anomaly.inference.scoring import flag_score
 
     healthy = [3.8, 4.5, 4.7, 4.1]
     thr = flag_score(healthy, 95.0)
@@ -104,7 +100,7 @@ def test_normative_calibration_evens_out_noisy_regions_and_hits_nominal_fpr():
                     normative_masks=[mask] * 40)
     assert cal.normative is not None and cal.normative.mean.shape == (1, *shape)
     assert cal.normative.sd[0, :8].mean() > 3 * cal.normative.sd[0, 8:].mean()
-    from bids_anomaly.scoring import anomaly_map
+    from bids_anomaly.calibration.statmap import anomaly_map
 
     fresh = _noisy(rng, shape, sd_map)
     _, stat = anomaly_map(_Mean(), fresh, mask, cal.normative)

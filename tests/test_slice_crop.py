@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from bids_anomaly.calibration.types import Calibration
+from bids_anomaly.core.templates import RESOLUTIONS, load_template
 from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
 from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.models.slices import crop_voxels, template_resolution
-from bids_anomaly.scoring import Calibration
-from bids_anomaly.templates import RESOLUTIONS, load_template
 
 from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
 

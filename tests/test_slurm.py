@@ -119,7 +119,8 @@ def cohort(tmp_path_factory):
     a plain local run of all four with the default MultiProc plugin: the reference. It shares
     the training's work dir, so the three healthy scans' preprocessing (the same recipe) comes
     from nipype's cache, as it would for a user scoring their training set."""
-    from bids_anomaly.synth import SynthConfig, generate_cohort
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
 
     root = tmp_path_factory.mktemp("slurm-cohort")
     generated = generate_cohort(root / "bids", SynthConfig(

@@ -131,10 +131,10 @@ def test_bundle_card_hook(std):
 
 def test_fit_bundle_learns_on_fit_participants_and_records_it(tmp_path):
     """fit_bundle (zscore, template grid) writes the learned stage into the card."""
-    from bids_anomaly.config import PreprocConfig
-    from bids_anomaly.fit import FitInputs, fit_bundle
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.templates import load_template
     from bids_anomaly.models.bundle import load_bundle
-    from bids_anomaly.templates import load_template
+    from bids_anomaly.training.fit import FitInputs, fit_bundle
 
     from .model_inputs import write_preprocessed
 

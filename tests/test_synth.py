@@ -13,9 +13,11 @@ import pytest
 from scipy import ndimage
 
 from bids_anomaly import __version__
-from bids_anomaly.errors import UsageError
-from bids_anomaly.synth import SynthCohort, SynthConfig, generate_cohort, synth_subject
-from bids_anomaly.templates import load_template
+from bids_anomaly.core.errors import UsageError
+from bids_anomaly.core.templates import load_template
+from bids_anomaly.synth.anatomy import synth_subject
+from bids_anomaly.synth.cohort import generate_cohort
+from bids_anomaly.synth.config import SynthCohort, SynthConfig
 
 FAST = SynthConfig(n_healthy=2, n_healthy_test=1, n_patients=2, voxel_size=4.0,
                    template_resolution=2, seed=7)

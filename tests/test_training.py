@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bids_anomaly.calibration.types import Calibration
 from bids_anomaly.models.augment import (
     affine,
     augment_batch,
@@ -19,7 +20,6 @@ from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
 from bids_anomaly.models.registry import get_model_class
 from bids_anomaly.models.trainer import eta_seconds, format_eta
-from bids_anomaly.scoring import Calibration
 
 from .model_inputs import SHAPE, one_thread, tiny_volumes  # noqa: F401
 
@@ -142,7 +142,7 @@ def test_ddpm_resume_repeats_uninterrupted_run(tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal():
-    from bids_anomaly.fit import _progress_bar
+    from bids_anomaly.training.fit import _progress_bar
 
     with _progress_bar("dae") as bar:  # pytest captures stderr: not a terminal
         assert bar is None

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__
-from ..atomic import atomic_path, file_lock, write_json, write_text
-from ..naming import ScanKey, ScanOutputs, sidecar
-from ..reference import reference_role
+from ..core.atomic import atomic_path, file_lock, write_json, write_text
+from ..core.naming import ScanKey, ScanOutputs, sidecar
+from ..core.reference import reference_role
 
 LOG = logging.getLogger("bids_anomaly")
 

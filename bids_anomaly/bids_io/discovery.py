@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import SelectionConfig
-from ..errors import (
+from ..core.config import SelectionConfig
+from ..core.errors import (
     DataError,
     EmptySelectionError,
     ExitCode,
     InvalidBidsError,
     MissingInputError,
 )
-from ..naming import ScanKey
+from ..core.naming import ScanKey
 
 LOG = logging.getLogger("bids_anomaly")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..errors import DataError, MissingInputError
-from ..naming import ScanKey, ScanOutputs
+from ..core.errors import DataError, MissingInputError
+from ..core.naming import ScanKey, ScanOutputs
 from .metrics import oracle_dice
 from .outputs import as_array, check_grid, find_lesion_mask, load_image, parse_entities, shape3
 
@@ -72,8 +72,8 @@ def native_template_agreement(
     """
     import tempfile
 
+    from ..core.templates import load_template
     from ..preprocessing.registration import to_template, warp_paths
-    from ..templates import load_template
 
     output_dir, labels_dir = Path(output_dir), Path(labels_dir)
     lesion_path = find_lesion_mask(labels_dir, key)

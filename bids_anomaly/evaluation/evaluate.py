@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..errors import EmptySelectionError, MissingInputError
-from ..naming import ScanOutputs, build_name, sidecar
+from ..core.errors import EmptySelectionError, MissingInputError
+from ..core.naming import ScanOutputs, build_name, sidecar
 from .metrics import MAX_POOLED_VOXELS, VoxelPool, scan_level_auroc, voxel_metrics
 from .outputs import (
     FALLBACK_REGION,

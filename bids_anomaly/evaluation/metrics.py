@@ -108,7 +108,8 @@ def negatives(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple
 def defined_region(brain: np.ndarray, erosion: int) -> np.ndarray:
     """Where scoring defines the statmap: ``brain`` eroded by ``erosion`` voxels, by the very
     code that scoring uses (``scoring.postprocess``); the statmap is 0 outside by construction."""
-    from ..scoring import ScoringParams, postprocess
+    from ..calibration.statmap import postprocess
+    from ..calibration.types import ScoringParams
 
     brain = np.asarray(brain, bool)
     params = ScoringParams(erosion=int(erosion), median_size=1)

@@ -14,8 +14,8 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
-from ..naming import ScanKey, ScanOutputs, build_name
+from ..core.errors import DataError
+from ..core.naming import ScanKey, ScanOutputs, build_name
 from .metrics import defined_region, fpr_key, negatives
 
 LOG = logging.getLogger("bids_anomaly.evaluation")
@@ -181,7 +181,7 @@ FALLBACK_REGION = "native brain mask (no template-space brain mask or transform)
 def scoring_erosion(output_dir: Path, key: ScanKey, cache: dict[str, int]) -> int:
     """The ``erosion`` of the bundle that scored ``key`` (its scores record names the bundle
     folder), else the scoring default."""
-    from ..scoring import ScoringParams
+    from ..calibration.types import ScoringParams
 
     try:
         record = json.loads((output_dir / ScanOutputs(key).scores).read_text(encoding="utf-8"))
@@ -218,8 +218,8 @@ def native_defined_region(
 ) -> np.ndarray | None:
     """Native voxels whose statmap value is interpolated from defined template voxels only
     (None when OUTPUT_DIR lacks the template-space brain mask or the transform)."""
+    from ..core.templates import load_template
     from ..preprocessing.registration import to_native
-    from ..templates import load_template
 
     if outs is None:
         return None

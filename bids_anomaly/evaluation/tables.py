@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..atomic import write_json, write_text
-from ..naming import sidecar
+from ..core.atomic import write_json, write_text
+from ..core.naming import sidecar
 from .evaluate import EvaluationResult
 from .metrics import MAX_POOLED_VOXELS
 from .outputs import GROUP_TABLE, to_float

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError
-from ..reference import file_sha256 as sha256
-from ..scoring import Calibration, NormativeMaps
+from ..calibration.types import Calibration, NormativeMaps
+from ..core.errors import BundleError
+from ..core.reference import file_sha256 as sha256
 from .base import AnomalyModel
 from .registry import get_model_class
 

@@ -15,7 +15,7 @@ def template_resolution(shape: tuple[int, ...]) -> int | None:
 
     Only a grid about as wide as the template at some resolution is compared, so small test
     grids load nothing but the coarse template."""
-    from ..templates import RESOLUTIONS, load_template
+    from ..core.templates import RESOLUTIONS, load_template
 
     shape = tuple(int(s) for s in shape)
     coarse = load_template(max(RESOLUTIONS))

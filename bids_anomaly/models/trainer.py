@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..core.errors import DataError
 from ..progress.display import format_duration as format_eta
 from .augment import augment_batch, flip_shift
 from .base import FitContext

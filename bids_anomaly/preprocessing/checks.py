@@ -10,7 +10,7 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .brain_mask import image_support
 
 MIN_VOXEL_MM = 0.2

@@ -13,8 +13,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..config import PreprocConfig
-from ..templates import load_template
+from ..core.config import PreprocConfig
+from ..core.templates import load_template
 from .bias import n4_correct
 from .brain_mask import deepbet_mask, skull_stripped_mask
 from .checks import check_brain, load_checked
@@ -157,3 +157,10 @@ def _contrast_to_t1(path, t1, mask, fwd, work, threads, seed):
     reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="Rigid", random_seed=seed,
                             outprefix=str(work / "c2t1_"))
     return img, list(fwd) + list(reg["fwdtransforms"])
+
+
+def load_volume(result: PreprocResult, contrasts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(C, X, Y, Z) template-space volume and its brain mask from a preprocessing result."""
+    chans = [np.asarray(nb.load(result.template_images[c]).dataobj, np.float32) for c in contrasts]
+    mask = np.asarray(nb.load(result.template_brain_mask).dataobj) > 0
+    return np.stack(chans), mask

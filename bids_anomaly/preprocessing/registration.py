@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..templates import Template
+from ..core.templates import Template
 
 TRANSFORMS = {"affine": "Affine", "rigid": "Rigid", "syn": "SyN"}
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import ProgressConfig
+from ..core.config import ProgressConfig
 
 LOG = logging.getLogger("bids_anomaly.progress")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..atomic import write_text
+from ..core.atomic import write_text
 from .assets import asset
 from .group_evaluation import (  # noqa: F401  (the evaluation tables' names, re-exported)
     EVAL_POOLED_TSV,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..naming import ScanKey, ScanOutputs, build_name, sidecar
+from ..core.naming import ScanKey, ScanOutputs, build_name, sidecar
 
 SCORES_GLOB = "*_desc-anomaly_scores.json"
 GROUP_TSV = "group_anomaly.tsv"  # written by the group level, read by its report

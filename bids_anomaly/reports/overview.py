@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from ..naming import ScanKey, ScanOutputs
+from ..core.naming import ScanKey, ScanOutputs
 from .assets import asset
 from .html import esc, is_missing
 from .loaders import key_from_name, strip_prefix

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_bytes
-from ..naming import ScanKey, ScanOutputs
+from ..core.atomic import write_bytes
+from ..core.naming import ScanKey, ScanOutputs
 from . import figures
 from .loaders import load_volume
 

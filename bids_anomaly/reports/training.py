@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from ..atomic import write_text
+from ..core.atomic import write_text
 from .figures import score_distribution
 from .html import esc, img, kv_list, page, table
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from nipype import Node, Workflow
 
 from ..bids_io.discovery import ScanInput
-from ..config import PreprocConfig, ResourceConfig
-from ..errors import ExitCode
+from ..core.config import PreprocConfig, ResourceConfig
+from ..core.errors import ExitCode
 from .interfaces import Preprocess
 
 LOG = logging.getLogger("bids_anomaly")
@@ -210,7 +210,7 @@ def error_line(exc: BaseException) -> str:
 def parse_traceback(text: str, default: str = "unknown error (see crash file)"
                     ) -> tuple[str, ExitCode]:
     """(one-line error message, exit code) from a Python traceback."""
-    match = re.findall(r"bids_anomaly\.errors\.(\w+): (.+)", text)
+    match = re.findall(r"bids_anomaly\.(?:core\.)?errors\.(\w+): (.+)", text)
     if match:
         cls, msg = match[-1]
         return msg.strip(), _ERROR_CODES.get(cls, ExitCode.FAILURE)

@@ -37,7 +37,7 @@ class Preprocess(SimpleInterface):
     output_spec = _PreprocessOutput
 
     def _run_interface(self, runtime):
-        from ..config import PreprocConfig
+        from ..core.config import PreprocConfig
         from ..preprocessing.pipeline import preprocess_scan
 
         files = {"T1w": self.inputs.t1w, **dict(self.inputs.extra)}
@@ -64,13 +64,13 @@ class _ScoreOutput(TraitedSpec):
 
 
 class Score(SimpleInterface):
-    """Wraps :func:`bids_anomaly.infer.score_preprocessed`."""
+    """Wraps :func:`bids_anomaly.inference.score_scan.score_preprocessed`."""
 
     input_spec = _ScoreInput
     output_spec = _ScoreOutput
 
     def _run_interface(self, runtime):
-        from ..infer import score_preprocessed
+        from ..inference.score_scan import score_preprocessed
 
         with node_progress(runtime.cwd):
             self._results["files"] = score_preprocessed(
@@ -102,7 +102,7 @@ class DerivativesSink(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..bids_io.derivatives import sink_scan
-        from ..naming import ScanKey
+        from ..core.naming import ScanKey
         from ..reports.thumbnails import write_thumbnail
 
         pre = json.loads(Path(self.inputs.preproc).read_text())
@@ -129,13 +129,13 @@ class _FitOutput(TraitedSpec):
 
 
 class Fit(SimpleInterface):
-    """Wraps :func:`bids_anomaly.fit.fit_bundle`."""
+    """Wraps :func:`bids_anomaly.training.fit.fit_bundle`."""
 
     input_spec = _FitInput
     output_spec = _FitOutput
 
     def _run_interface(self, runtime):
-        from ..fit import FitInputs, fit_bundle
+        from ..training.fit import FitInputs, fit_bundle
 
         inputs = FitInputs(preproc_jsons=list(self.inputs.preproc), **self.inputs.spec)
         with node_progress(runtime.cwd) as progress:  # epochs for the main process's bar
@@ -156,7 +156,7 @@ class _RecalibrateInput(BaseInterfaceInputSpec):
 
 
 class Recalibrate(SimpleInterface):
-    """Wraps :func:`bids_anomaly.recalibrate.recalibrate_bundle`."""
+    """Wraps :func:`bids_anomaly.training.recalibrate.recalibrate_bundle`."""
 
     input_spec = _RecalibrateInput
     output_spec = _FitOutput
@@ -165,7 +165,7 @@ class Recalibrate(SimpleInterface):
         import torch
 
         from ..models.bundle import load_bundle
-        from ..recalibrate import ReferenceScan, recalibrate_bundle
+        from ..training.recalibrate import ReferenceScan, recalibrate_bundle
 
         torch.set_num_threads(max(1, self.inputs.threads))
         scans = [ReferenceScan(js, **meta) for js, meta in zip(self.inputs.preproc,

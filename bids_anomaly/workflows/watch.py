@@ -6,7 +6,7 @@ from pathlib import Path
 
 from nipype import Workflow
 
-from ..config import ResourceConfig
+from ..core.config import ResourceConfig
 from ..progress import Step, TrainingView, WorkflowProgress
 from .base import WorkflowRun, node_dirs, run_workflow
 

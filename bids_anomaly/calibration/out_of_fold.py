@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scoring import (
-    Calibration,
-    NormativeMaps,
-    ScoringParams,
+from .statmap import (
     anomaly_map,
     fit_normative,
     normative_from_sums,
@@ -19,6 +16,7 @@ from .scoring import (
     threshold_mask,
     to_statmap,
 )
+from .types import Calibration, NormativeMaps, ScoringParams
 
 FPRS = ("0.01", "0.001")
 NORMATIVE_SMOOTH_SIGMA = 1.0

@@ -10,30 +10,22 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nb
 import numpy as np
 
-from . import __version__
-from .calibration import calibrate_out_of_fold
-from .config import PreprocConfig
-from .models.base import FitContext
-from .models.bundle import save_bundle
-from .models.registry import get_model_class
-from .models.trainer import format_eta
-from .preprocessing.pipeline import PreprocResult
-from .preprocessing.standardise import apply_standardisation, learn_standardisation
-from .scoring import ScoringParams
-from .templates import TEMPLATE_NAME, load_template
-from .versions import software_versions
+from .. import __version__
+from ..calibration.out_of_fold import calibrate_out_of_fold
+from ..calibration.types import ScoringParams
+from ..core.config import PreprocConfig
+from ..core.templates import TEMPLATE_NAME, load_template
+from ..core.versions import software_versions
+from ..models.base import FitContext
+from ..models.bundle import save_bundle
+from ..models.registry import get_model_class
+from ..models.trainer import format_eta
+from ..preprocessing.pipeline import PreprocResult, load_volume
+from ..preprocessing.standardise import apply_standardisation, learn_standardisation
 
 LOG = logging.getLogger("bids_anomaly")
-
-
-def load_volume(result: PreprocResult, contrasts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(C, X, Y, Z) template-space volume and its brain mask from a preprocessing result."""
-    chans = [np.asarray(nb.load(result.template_images[c]).dataobj, np.float32) for c in contrasts]
-    mask = np.asarray(nb.load(result.template_brain_mask).dataobj) > 0
-    return np.stack(chans), mask
 
 
 # Scoring choices of new bundles (older cards keep theirs): every scan's healthy majority sets
@@ -133,7 +125,7 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         chosen = [(v, m) for s, v, m in data.values() if s in subjects]
         return [v for v, _ in chosen], [m for _, m in chosen]
 
-    from .models.trainer import resolve_device
+    from ..models.trainer import resolve_device
 
     device = resolve_device(inputs.device)
 
@@ -238,7 +230,7 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         "intended_use": "Research use: flags deviations from the healthy training cohort; "
                         "not a diagnostic device.",
     }
-    extra = {"calibration.npz": _calibration_npz(calib)}
+    extra = {"calibration.npz": calibration_npz(calib)}
     if example is not None:
         extra.update(_example_reconstructions(*example))
     return save_bundle(dest, model, card, calib, extra_files=extra)
@@ -276,7 +268,7 @@ def _progress_bar(label: str):
 def _example_reconstructions(volume: np.ndarray, recon: np.ndarray, mask: np.ndarray
                              ) -> dict[str, bytes]:
     """Mosaics of a held-out scan and its out-of-fold reconstruction (PNG)."""
-    from .reports.figures import mosaic
+    from ..core.mosaic import mosaic
 
     lo, hi = float(np.percentile(volume[0][mask], 1)), float(np.percentile(volume[0][mask], 99.5))
     return {
@@ -285,7 +277,7 @@ def _example_reconstructions(volume: np.ndarray, recon: np.ndarray, mask: np.nda
     }
 
 
-def _calibration_npz(calib) -> bytes:
+def calibration_npz(calib) -> bytes:
     import io
 
     buf = io.BytesIO()

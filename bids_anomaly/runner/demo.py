@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import (
+from ..core.config import (
     PreprocConfig,
     ProgressConfig,
     ResourceConfig,
@@ -16,9 +16,13 @@ from .config import (
     SelectionConfig,
     TrainConfig,
 )
-from .evaluation import EvaluationResult, evaluate_outputs, write_evaluation
-from .runner import RunSummary, run_group, run_participant, run_train
-from .synth import SynthConfig, generate_cohort
+from ..evaluation import EvaluationResult, evaluate_outputs, write_evaluation
+from ..synth.cohort import generate_cohort
+from ..synth.config import SynthConfig
+from .common import RunSummary
+from .participant import run_participant
+from .reports import run_group
+from .train import run_train
 
 LOG = logging.getLogger("bids_anomaly")
 

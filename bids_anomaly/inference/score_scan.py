@@ -9,14 +9,13 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from .fit import load_volume
-from .models.bundle import load_bundle
-from .preprocessing.pipeline import PreprocResult
-from .preprocessing.registration import to_native
-from .preprocessing.standardise import standardise_for_bundle
-from .reference import reference_cohort, reference_scans
+from ..core.reference import reference_cohort, reference_scans
+from ..core.templates import TEMPLATE_NAME, load_template
+from ..models.bundle import load_bundle
+from ..preprocessing.pipeline import PreprocResult, load_volume
+from ..preprocessing.registration import to_native
+from ..preprocessing.standardise import standardise_for_bundle
 from .scoring import flag_score, score_volume
-from .templates import TEMPLATE_NAME, load_template
 
 
 def _save(data, affine, path: Path, dtype=np.float32) -> str:

@@ -60,7 +60,7 @@ def reference_cohort(card: dict) -> dict:
 
 
 def reference_scans(card: dict) -> dict:
-    """Everything :func:`bids_anomaly.reference.reference_role` needs from a card: the
+    """Everything :func:`bids_anomaly.core.reference.reference_role` needs from a card: the
     training record, plus the site-calibration cohort as ``calibration`` scans."""
     train = card.get("training", {})
     out = {k: train[k] for k in ("dataset", "participants", "validation_participants",

@@ -13,11 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .calibration import calibrate_out_of_fold
-from .fit import _calibration_npz, load_volume
-from .models.bundle import CARD, Bundle, save_bundle, sha256
-from .preprocessing.pipeline import PreprocResult
-from .preprocessing.standardise import standardise_for_bundle
+from ..calibration.out_of_fold import calibrate_out_of_fold
+from ..models.bundle import CARD, Bundle, save_bundle, sha256
+from ..preprocessing.pipeline import PreprocResult, load_volume
+from ..preprocessing.standardise import standardise_for_bundle
+from .fit import calibration_npz
 
 LOG = logging.getLogger("bids_anomaly")
 
@@ -70,4 +70,4 @@ def recalibrate_bundle(bundle: Bundle, scans: list[ReferenceScan], dest: Path, d
              len(scans), thresholds,
              {k: round(v, 5) for k, v in calib.mask_fpr.items()})
     return save_bundle(dest, bundle.model, card, calib,
-                       extra_files={"calibration.npz": _calibration_npz(calib)})
+                       extra_files={"calibration.npz": calibration_npz(calib)})

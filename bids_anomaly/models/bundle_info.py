@@ -2,7 +2,7 @@
 
 ``bundle_info(path)`` loads the bundle through :func:`~bids_anomaly.models.bundle.load_bundle`
 (schema, sha256 of every listed file, weights), so a tampered or incomplete bundle raises
-:class:`~bids_anomaly.errors.BundleError` (exit code 65) before anything is shown. The CLI's
+:class:`~bids_anomaly.core.errors.BundleError` (exit code 65) before anything is shown. The CLI's
 ``bids-anomaly info`` prints :meth:`BundleInfo.rows` or, with ``--json``, :meth:`to_dict`.
 """
 
@@ -12,7 +12,7 @@ import datetime as _dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .models.bundle import CARD, load_bundle
+from .bundle import CARD, load_bundle
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Calibration: the residual → statmap math, its types, out-of-fold thresholds."""

@@ -1,0 +1,1 @@
+"""Inference: one scan scored against a bundle (statmap, scores, clusters, percentile)."""

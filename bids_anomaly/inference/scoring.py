@@ -1,0 +1,100 @@
+"""From a raw residual to calibrated outputs: statmap, mask, clusters, per-scan score."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from ..calibration.statmap import anomaly_map, postprocess, scan_score, threshold_mask, to_statmap
+from ..calibration.types import MIN_REFERENCE_SCANS, Calibration
+
+
+def _predictive(healthy: list[float]) -> tuple[float, float, int] | None:
+    """(mean, predictive scale, degrees of freedom) of a new healthy score, or None (< 2)."""
+    h = np.asarray([x for x in healthy if np.isfinite(x)], dtype=float)
+    if h.size < MIN_REFERENCE_SCANS:
+        return None
+    sd = max(float(h.std(ddof=1)), 1e-6 * max(1.0, abs(float(h.mean()))))
+    return float(h.mean()), sd * math.sqrt(1.0 + 1.0 / h.size), int(h.size - 1)
+
+
+def percentile_among(score: float, healthy: list[float]) -> float:
+    """Percentile (0-100) of ``score`` under the predictive distribution of a healthy score.
+
+    NaN when the reference has fewer than ``MIN_REFERENCE_SCANS`` scores."""
+    from scipy.stats import t as student_t
+
+    fit = _predictive(list(healthy))
+    if fit is None or not np.isfinite(score):
+        return float("nan")
+    mean, scale, dof = fit
+    return float(100.0 * student_t.cdf((score - mean) / scale, dof))
+
+
+def flag_score(healthy: list[float], flag_percentile: float) -> float:
+    """The per-scan score at which a scan is flagged (the ``flag_percentile`` of healthy)."""
+    from scipy.stats import t as student_t
+
+    fit = _predictive(list(healthy))
+    if fit is None:
+        return float("nan")
+    mean, scale, dof = fit
+    return float(mean + scale * student_t.ppf(flag_percentile / 100.0, dof))
+
+
+CLUSTER_COLUMNS = ["cluster_id", "size_mm3", "peak_z", "mean_z", "centroid_x", "centroid_y",
+                   "centroid_z", "hemisphere"]
+
+
+def clusters_table(statmap: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    """One row per connected cluster of ``mask``, largest first, in template mm coordinates."""
+    lab, n = ndimage.label(mask)
+    vox_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    rows = []
+    for i in range(1, n + 1):
+        sel = lab == i
+        ijk = np.argwhere(sel).mean(axis=0)
+        xyz = affine[:3, :3] @ ijk + affine[:3, 3]
+        hemi = "left" if xyz[0] < -2 else "right" if xyz[0] > 2 else "midline"
+        vals = statmap[sel]
+        rows.append([0, float(sel.sum()) * vox_mm3, float(vals.max()), float(vals.mean()),
+                     *(round(float(c), 1) for c in xyz), hemi])
+    df = pd.DataFrame(rows, columns=CLUSTER_COLUMNS)
+    df = df.sort_values("size_mm3", ascending=False).reset_index(drop=True)
+    df["cluster_id"] = np.arange(1, len(df) + 1)
+    return df
+
+
+@dataclass
+class ScanResult:
+    """Template-space outputs of scoring one scan."""
+
+    recon: np.ndarray
+    statmap: np.ndarray
+    mask: np.ndarray
+    score: float
+    percentile: float
+    flagged: bool | None  # None: the healthy reference is too small for a flag
+    threshold: float
+    clusters: pd.DataFrame
+
+
+def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
+                 affine: np.ndarray, device: str = "cpu") -> ScanResult:
+    """Reconstruct, standardise, threshold and score one template-space volume."""
+    recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
+                             scan_spread=calib.scan_spread if calib.params.scan_baseline
+                             else None)
+    anomaly, eroded = postprocess(raw, brain, calib.params)
+    statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
+    thr = float(calib.thresholds[calib.default_fpr])
+    mask = threshold_mask(statmap, thr, calib.params.min_cluster_voxels)
+    score = scan_score(statmap, eroded, calib.params.top_fraction)
+    pct = percentile_among(score, calib.healthy_scores)
+    flagged = bool(pct >= calib.params.flag_percentile) if np.isfinite(pct) else None
+    return ScanResult(recon, statmap, mask, score, pct, flagged, thr,
+                      clusters_table(statmap, mask, affine))

@@ -1,0 +1,1 @@
+"""Run drivers: the train, calibrate, participant and group levels, and the demo."""

@@ -1,0 +1,1 @@
+"""Synthetic BIDS cohorts: configuration, random fields, anatomy and lesions, writing."""

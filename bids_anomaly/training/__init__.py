@@ -1,0 +1,1 @@
+"""Training: folds, out-of-fold calibration, the final model and its bundle; re-calibration."""
