@@ -14,7 +14,7 @@ from ..core.templates import TEMPLATE_NAME, load_template
 from ..models.bundle import load_bundle
 from ..preprocessing.pipeline import PreprocResult, load_volume
 from ..preprocessing.registration import to_native
-from ..preprocessing.standardise import standardise_for_bundle
+from ..preprocessing.standardise import standardise
 from .scoring import flag_score, score_volume
 
 
@@ -38,11 +38,12 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
     t = time.perf_counter()
     bundle = load_bundle(Path(bundle_dir))
     pre = PreprocResult.load(Path(preproc_json))
-    res = int(bundle.card["resolution"])
+    card = bundle.model_card
+    res = card.resolution
     bundle.check_fits(list(pre.template_images), TEMPLATE_NAME, res)
     template = load_template(res)
-    volume, brain = load_volume(pre, bundle.card["contrasts"])
-    volume = standardise_for_bundle(volume, brain, bundle.card)  # no-op for older bundles
+    volume, brain = load_volume(pre, list(card.contrasts))
+    volume = standardise(volume, brain, card.standardisation, card.contrasts)  # none: older
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -55,7 +56,7 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
         "template_statmap": _save(result.statmap, template.affine, out_dir / "statmap.nii.gz"),
         "template_mask": _save(result.mask, template.affine, out_dir / "mask.nii.gz", np.uint8),
     }
-    for i, c in enumerate(bundle.card["contrasts"]):
+    for i, c in enumerate(card.contrasts):
         files[f"recon_{c}"] = _save(result.recon[i], template.affine, out_dir / f"recon_{c}.nii.gz")
     native_ref = nb.load(pre.native_ref)
     nat_stat = to_native(result.statmap, template, native_ref, Path(pre.xfm), out_dir / "tmp",
@@ -89,23 +90,23 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
         "observed_mask_fpr": bundle.calibration.mask_fpr.get(bundle.calibration.default_fpr),
         "min_cluster_voxels": bundle.calibration.params.min_cluster_voxels,
         "reference": {**bundle.calibration.reference,
-                      "cohort": reference_cohort(bundle.card)},
+                      "cohort": reference_cohort(bundle.card)},  # the JSON sections
         "n_clusters": int(len(result.clusters)),
         "anomaly_volume_mm3": float(result.mask.sum()) * vox_mm3,
         "healthy_scores": bundle.calibration.healthy_scores,
         "model": {
             "name": bundle.name,
-            "type": bundle.card["model_type"],
+            "type": card.model.model_type,
             "sha256": bundle.weights_sha256,
             "path": str(bundle.path),
             "card": {
-                "dataset": bundle.card["training"]["dataset"],
-                "n_participants": len(bundle.card["training"]["participants"]),
-                "n_calibration": len(bundle.card["training"]["calibration_participants"]),
-                "contrasts": bundle.card["contrasts"],
-                "template": bundle.card["template"],
+                "dataset": card.training.dataset,
+                "n_participants": len(card.training.participants),
+                "n_calibration": len(card.training.calibration_participants),
+                "contrasts": list(card.contrasts),
+                "template": card.template,
                 "resolution": res,
-                "bids_anomaly_version": bundle.card["software"]["bids-anomaly"],
+                "bids_anomaly_version": card.software["bids-anomaly"],
             },
             # Who the healthy reference is, to recognise a scan that was part of it.
             "reference_scans": reference_scans(bundle.card),

@@ -1,9 +1,10 @@
 """The model bundle: a directory of data (JSON + safetensors), never code.
 
-``model.json`` is the model card and the contract between training and scoring (nnU-Net
-plans style): model type and hyper-parameters, contrasts, template, resolution, the
-preprocessing recipe, calibration and the sha256 of every data file. Weights load through
-safetensors only; nothing is unpickled, so a bundle from elsewhere cannot run code.
+``model.json`` is the model card (:class:`~bids_anomaly.models.card.ModelCard`) and the
+contract between training and scoring (nnU-Net plans style): model type and
+hyper-parameters, contrasts, template, resolution, the preprocessing recipe, calibration and
+the sha256 of every data file. Weights load through safetensors only; nothing is unpickled,
+so a bundle from elsewhere cannot run code.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,56 +23,76 @@ from ..calibration.types import Calibration, NormativeMaps
 from ..core.errors import BundleError
 from ..core.reference import file_sha256 as sha256
 from .base import AnomalyModel
+from .card import CARD_SCHEMA, ModelCard, ModelSpec, card_from_dict, with_model
 from .registry import get_model_class
 
-SCHEMA_VERSION = "1.0"
 WEIGHTS = "weights.safetensors"
 NORMATIVE = "normative.safetensors"
 CARD = "model.json"
-# The digest of every file listed under "files" in the card. Cards written before the
-# algorithm was named (no "checksum_algorithm") used sha256 too.
-CHECKSUM_ALGORITHM = "sha256"
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the model, its card and its calibration."""
+    """A loaded bundle: the model and its typed card (the calibration included)."""
 
     path: Path
     model: AnomalyModel
-    card: dict
-    calibration: Calibration
+    model_card: ModelCard
+
+    @property
+    def card(self) -> dict:
+        """The card as plain JSON, the document of ``model.json`` (for scripts and tests)."""
+        return self.model_card.to_dict()
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.model_card.calibration
 
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.model_card.name
 
     @property
     def weights_sha256(self) -> str:
-        return self.card["files"][WEIGHTS]
+        return self.model_card.files[WEIGHTS]
 
     def check_fits(self, contrasts: list[str], template: str, resolution: int) -> None:
         """Refuse scans whose contrasts, template or resolution differ from the bundle's."""
-        if sorted(contrasts) != sorted(self.card["contrasts"]):
+        card = self.model_card
+        if sorted(contrasts) != sorted(card.contrasts):
             raise BundleError(
-                f"model bundle {self.path} expects contrasts {self.card['contrasts']}, "
+                f"model bundle {self.path} expects contrasts {list(card.contrasts)}, "
                 f"the scan provides {list(contrasts)}"
             )
-        if template != self.card["template"]:
+        if template != card.template:
             raise BundleError(
-                f"model bundle {self.path} is in template {self.card['template']}, not {template}"
+                f"model bundle {self.path} is in template {card.template}, not {template}"
             )
-        if int(resolution) != int(self.card["resolution"]):
+        if int(resolution) != card.resolution:
             raise BundleError(
-                f"model bundle {self.path} works at {self.card['resolution']} mm, "
-                f"not {resolution} mm"
+                f"model bundle {self.path} works at {card.resolution} mm, not {resolution} mm"
             )
 
 
-def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibration,
+def save_bundle(dest: Path, model: AnomalyModel, card: ModelCard | Mapping,
+                calibration: Calibration | None = None,
                 extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write a bundle directory atomically (built in a temp dir, then renamed into place)."""
+    """Write a bundle directory atomically (built in a temp dir, then renamed into place).
+
+    ``card`` is the typed card training built, or a partial JSON card (name, template,
+    resolution, ...) that ``model`` and ``calibration`` complete; the writer adds the model's
+    spec and every file's checksum."""
     from safetensors.torch import save_file
+
+    if not isinstance(card, ModelCard):
+        if calibration is None:
+            raise ValueError("a partial card needs its calibration")
+        card = card_from_dict({**card, "schema_version": CARD_SCHEMA,
+                               **ModelSpec.of(model).to_dict(),
+                               "calibration": calibration.to_dict()})
+    if calibration is not None:
+        card = replace(card, calibration=calibration)
+    calibration = card.calibration
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -88,18 +110,7 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        full = {
-            "schema_version": SCHEMA_VERSION,
-            **card,
-            "model_type": model.type_name,
-            "hyperparameters": model.hparams,
-            "contrasts": model.contrasts,
-            "shape": list(model.shape),
-            "calibration": calibration.to_dict(),
-            "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "files": files,
-        }
-        (tmp / CARD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        (tmp / CARD).write_text(with_model(card, model, files).to_json())
         for f in tmp.iterdir():
             os.chmod(f, 0o644)  # readable by any UID (shared bundles on clusters)
         os.chmod(tmp, 0o755)
@@ -119,7 +130,8 @@ def save_bundle(dest: Path, model: AnomalyModel, card: dict, calibration: Calibr
 
 
 def load_bundle(path: Path) -> Bundle:
-    """Load and verify a bundle (schema version, sha256 of every file, weight names)."""
+    """Load and verify a bundle (schema version, sha256 of every file, weight names); an
+    older card is migrated, a newer one refused (:func:`~.card.card_from_dict`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -128,23 +140,11 @@ def load_bundle(path: Path) -> Bundle:
     if not card_path.is_file():
         raise BundleError(f"{path} is not a model bundle: {CARD} is missing")
     try:
-        card = json.loads(card_path.read_text())
+        doc = json.loads(card_path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{card_path} is not valid JSON: {exc}") from exc
-    version = str(card.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise BundleError(
-            f"{card_path}: bundle schema version {version or 'missing'} is not supported "
-            f"(this bids-anomaly reads {SCHEMA_VERSION})"
-        )
-    algorithm = card.get("checksum_algorithm", CHECKSUM_ALGORITHM)
-    if algorithm != CHECKSUM_ALGORITHM:
-        raise BundleError(f"{card_path}: checksum algorithm '{algorithm}' is not supported "
-                          f"(this bids-anomaly verifies {CHECKSUM_ALGORITHM})")
-    files = card.get("files", {})
-    if not isinstance(files, dict):
-        raise BundleError(f"{card_path}: 'files' must map file names to checksums")
-    for name, digest in files.items():
+    card = card_from_dict(doc, str(card_path))
+    for name, digest in card.files.items():
         f = _bundle_file(path, name)
         if not f.is_file():
             raise BundleError(f"model bundle {path}: {name} is missing")
@@ -153,20 +153,20 @@ def load_bundle(path: Path) -> Bundle:
                 f"model bundle {path}: checksum of {name} does not match model.json "
                 "(file corrupt or modified)"
             )
-    if WEIGHTS not in card.get("files", {}):
+    if WEIGHTS not in card.files:
         raise BundleError(f"model bundle {path}: {WEIGHTS} is not listed in {CARD}")
     try:
-        cls = get_model_class(card["model_type"])
-        hparams = {**cls.legacy_defaults, **card["hyperparameters"]}
-        model = cls(card["contrasts"], tuple(card["shape"]), hparams)
+        cls = get_model_class(card.model.model_type)
+        # Hyper-parameters the card predates keep the value they had then.
+        hparams = {**cls.legacy_defaults, **card.model.hyperparameters}
+        model = cls(list(card.contrasts), card.model.shape, hparams)
         state = load_file(str(path / WEIGHTS))
         model.load_state_dict(state)
-        calibration = Calibration.from_dict(card["calibration"])
-        if NORMATIVE in card["files"]:
-            calibration.normative = _load_normative(path / NORMATIVE, model)
+        if NORMATIVE in card.files:
+            card.calibration.normative = _load_normative(path / NORMATIVE, model)
     except (KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BundleError(f"model bundle {path} cannot be loaded: {exc}") from exc
-    return Bundle(path, model, card, calibration)
+    return Bundle(path, model, card)
 
 
 def _bundle_file(bundle: Path, name: object) -> Path:

@@ -73,21 +73,21 @@ class BundleInfo:
 def bundle_info(path: Path) -> BundleInfo:
     """Load and verify the bundle at ``path``; its card summarised."""
     bundle = load_bundle(Path(path))
-    card = bundle.card
-    train = card.get("training") or {}
-    cohort = card.get("reference_cohort") or {}
+    card = bundle.model_card
+    train = card.training.to_dict() if card.training else {}
+    cohort = card.reference_cohort or {}
     cal = bundle.calibration
     status = cal.reference
     written = _dt.datetime.fromtimestamp((bundle.path / CARD).stat().st_mtime).astimezone()
     return BundleInfo(
         path=str(bundle.path.resolve()),
-        name=str(card.get("name", bundle.path.name)),
-        model_type=str(card.get("model_type")),
-        description=str(card.get("description", "")),
-        contrasts=list(card.get("contrasts", [])),
-        template=str(card.get("template")),
-        resolution_mm=float(card.get("resolution", 0)),
-        schema_version=str(card.get("schema_version")),
+        name=card.name,
+        model_type=card.model.model_type,
+        description=card.description,
+        contrasts=list(card.contrasts),
+        template=card.template,
+        resolution_mm=float(card.resolution),
+        schema_version=card.schema_version,
         written=written.isoformat(timespec="seconds"),
         training={
             "dataset": train.get("dataset"),
@@ -112,6 +112,6 @@ def bundle_info(path: Path) -> BundleInfo:
         },
         thresholds={"voxel": dict(cal.thresholds), "default_fpr": cal.default_fpr,
                     "observed_fpr": dict(cal.mask_fpr)},
-        software=dict(card.get("software") or {}),
-        files=dict(card.get("files") or {}),
+        software=dict(card.software),
+        files=dict(card.files),
     )

@@ -171,10 +171,15 @@ def standardisation_from_card(card: Mapping) -> IntensityStandardisation | None:
     return IntensityStandardisation.from_dict(d) if d else None
 
 
-def standardise_for_bundle(volume: np.ndarray, mask: np.ndarray, card: Mapping) -> np.ndarray:
-    """Apply the bundle card's standardisation to a (C, X, Y, Z) volume in the card's contrast
-    order, exactly as at training; unchanged for older bundles that have none."""
-    std = standardisation_from_card(card)
+def standardise(volume: np.ndarray, mask: np.ndarray, std: IntensityStandardisation | None,
+                contrasts: Sequence[str]) -> np.ndarray:
+    """Apply ``std`` to a (C, X, Y, Z) volume in ``contrasts`` order, exactly as at training;
+    ``volume`` unchanged when there is none (bundles written before it existed)."""
     if std is None:
         return volume
-    return apply_standardisation(volume, mask, std, card["contrasts"])
+    return apply_standardisation(volume, mask, std, list(contrasts))
+
+
+def standardise_for_bundle(volume: np.ndarray, mask: np.ndarray, card: Mapping) -> np.ndarray:
+    """:func:`standardise` with the standardisation and contrasts of a card's JSON document."""
+    return standardise(volume, mask, standardisation_from_card(card), card["contrasts"])

@@ -197,10 +197,9 @@ def _as_bundle_preprocesses(cfg: RunConfig, bundle) -> RunConfig:
     """``cfg`` with the bundle's preprocessing recipe and contrasts (scoring repeats both)."""
     from dataclasses import replace
 
-    pre = replace(cfg.preproc, **{k: v for k, v in bundle.card["preprocessing"].items()
-                                  if k in cfg.preproc.to_dict()})
-    return replace(cfg, preproc=pre,
-                   selection=replace(cfg.selection, contrasts=tuple(bundle.card["contrasts"])))
+    card = bundle.model_card
+    return replace(cfg, preproc=card.preprocessing or cfg.preproc,
+                   selection=replace(cfg.selection, contrasts=tuple(card.contrasts)))
 
 
 def start_bundle_run(cfg: RunConfig, model: str):

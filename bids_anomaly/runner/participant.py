@@ -83,7 +83,7 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
         sink.inputs.preproc = str(done[sid])
         sink.inputs.sources = {c: str(p.resolve()) for c, p in scan.files.items()}
         sink.inputs.provenance = prov
-        sink.inputs.resolution = int(bundle.card["resolution"])
+        sink.inputs.resolution = bundle.model_card.resolution
         wf.connect(score, "files", sink, "files")
         chains[sid] = [score, sink]
     if chains:

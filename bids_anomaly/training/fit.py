@@ -20,6 +20,7 @@ from ..core.templates import TEMPLATE_NAME, load_template
 from ..core.versions import software_versions
 from ..models.base import FitContext
 from ..models.bundle import save_bundle
+from ..models.card import ModelCard, ModelSpec, Normalisation, TrainingRecord
 from ..models.registry import get_model_class
 from ..models.trainer import format_eta
 from ..preprocessing.pipeline import PreprocResult, load_volume
@@ -188,52 +189,53 @@ def fit_bundle(inputs: FitInputs, dest: Path,
     LOG.info("Final model: fitting %s on all %d participants (%s epochs)", inputs.model_type,
              len(set(inputs.subjects)), final_config.get("epochs", "n/a"))
     model, history = train(sorted(set(inputs.subjects)), [], final_config, "final")
-    card = {
-        "name": inputs.model_name,
-        "description": f"{inputs.model_type} normative model of healthy brains "
-                       f"({', '.join(inputs.contrasts)}) in {TEMPLATE_NAME} at "
-                       f"{preproc.resolution} mm",
-        "template": TEMPLATE_NAME,
-        "space": TEMPLATE_NAME,
-        "resolution": preproc.resolution,
-        "preprocessing": preproc.to_dict(),
-        "inference_precision": "float32",  # calibration and scoring alike, on any device
-        "normalisation": {
-            "per_volume": {"method": "per-volume: 0.5th percentile → 0, median → 0.7",
-                           "low": 0.5, "median_target": 0.7, "clip": 1.5},
-            "standardisation": std.to_dict(),
-        },
-        "training": {
-            "dataset": inputs.dataset,
-            "participants": sorted(set(inputs.subjects)),
-            "calibration_participants": sorted(set(owners)),
-            "folds": folds,
-            "epoch_selection": (f"final model: median best epoch of {len(plan)} folds, each "
-                                "chosen on a validation participant outside the fold's "
-                                "calibration set" if cls.learned else "not learned"),
-            "scans": [{"scan_id": sid, "participant": subj, "role": "fit",
-                       **({"sha256": digest} if digest else {})}
-                      for sid, subj, digest in zip(inputs.scan_ids, inputs.subjects,
-                                                   inputs.sources_sha256
-                                                   or [None] * len(inputs.scan_ids))],
-            "n_scans": len(data),
-            "models_trained": len(plan) + 1,
-            "minutes_per_model": share.get("max_minutes"),
-            "seed": inputs.seed,
-            "device": device,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "history": history.get("history", []),
-            "best_epoch": history.get("best_epoch"),
-            "best_val_loss": history.get("best_val_loss"),
-        },
-        "software": {"bids-anomaly": __version__, **software_versions()},
-        "intended_use": "Research use: flags deviations from the healthy training cohort; "
-                        "not a diagnostic device.",
-    }
+    card = ModelCard(
+        name=inputs.model_name,
+        description=f"{inputs.model_type} normative model of healthy brains "
+                    f"({', '.join(inputs.contrasts)}) in {TEMPLATE_NAME} at "
+                    f"{preproc.resolution} mm",
+        template=TEMPLATE_NAME,
+        space=TEMPLATE_NAME,
+        resolution=preproc.resolution,
+        preprocessing=preproc,
+        inference_precision="float32",  # calibration and scoring alike, on any device
+        normalisation=Normalisation(
+            per_volume={"method": "per-volume: 0.5th percentile → 0, median → 0.7",
+                        "low": 0.5, "median_target": 0.7, "clip": 1.5},
+            standardisation=std),
+        training=TrainingRecord(
+            dataset=inputs.dataset,
+            participants=sorted(set(inputs.subjects)),
+            calibration_participants=sorted(set(owners)),
+            folds=folds,
+            epoch_selection=(f"final model: median best epoch of {len(plan)} folds, each "
+                             "chosen on a validation participant outside the fold's "
+                             "calibration set" if cls.learned else "not learned"),
+            scans=[{"scan_id": sid, "participant": subj, "role": "fit",
+                    **({"sha256": digest} if digest else {})}
+                   for sid, subj, digest in zip(inputs.scan_ids, inputs.subjects,
+                                                inputs.sources_sha256
+                                                or [None] * len(inputs.scan_ids))],
+            n_scans=len(data),
+            models_trained=len(plan) + 1,
+            minutes_per_model=share.get("max_minutes"),
+            seed=inputs.seed,
+            device=device,
+            seconds=round(time.perf_counter() - t0, 1),
+            history=history.get("history", []),
+            best_epoch=history.get("best_epoch"),
+            best_val_loss=history.get("best_val_loss"),
+        ),
+        software={"bids-anomaly": __version__, **software_versions()},
+        intended_use="Research use: flags deviations from the healthy training cohort; "
+                     "not a diagnostic device.",
+        model=ModelSpec.of(model),
+        calibration=calib,
+    )
     extra = {"calibration.npz": calibration_npz(calib)}
     if example is not None:
         extra.update(_example_reconstructions(*example))
-    return save_bundle(dest, model, card, calib, extra_files=extra)
+    return save_bundle(dest, model, card, extra_files=extra)
 
 
 def _reloaded(model):

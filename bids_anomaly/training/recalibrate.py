@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..calibration.out_of_fold import calibrate_out_of_fold
 from ..models.bundle import CARD, Bundle, save_bundle, sha256
 from ..preprocessing.pipeline import PreprocResult, load_volume
-from ..preprocessing.standardise import standardise_for_bundle
+from ..preprocessing.standardise import standardise
 from .fit import calibration_npz
 
 LOG = logging.getLogger("bids_anomaly")
@@ -37,12 +37,12 @@ def recalibrate_bundle(bundle: Bundle, scans: list[ReferenceScan], dest: Path, d
     """Write a copy of ``bundle`` at ``dest`` whose healthy reference is ``scans``."""
     if not scans:
         raise ValueError("calibrate needs at least one healthy scan")
-    contrasts = bundle.card["contrasts"]
+    contrasts = list(bundle.model_card.contrasts)
     residuals, masks = [], []
     for scan in scans:
         pre = PreprocResult.load(Path(scan.preproc_json))
         volume, brain = load_volume(pre, contrasts)
-        volume = standardise_for_bundle(volume, brain, bundle.card)
+        volume = standardise(volume, brain, bundle.model_card.standardisation, contrasts)
         residuals.append(volume - bundle.model.reconstruct(volume, brain, device=device))
         masks.append(brain)
     calib = calibrate_out_of_fold(residuals, masks, bundle.calibration.params,
@@ -52,10 +52,7 @@ def recalibrate_bundle(bundle: Bundle, scans: list[ReferenceScan], dest: Path, d
     del residuals
     if calib.reference["level"] != "ok":
         LOG.warning("%s", calib.reference["message"])
-    card = {k: v for k, v in bundle.card.items()
-            if k not in ("schema_version", "model_type", "hyperparameters", "contrasts",
-                         "shape", "calibration", "checksum_algorithm", "files")}
-    card["reference_cohort"] = {
+    cohort = {
         "kind": "site calibration (bids-anomaly calibrate)",
         "dataset": dataset,
         "participants": sorted({s.participant for s in scans}),
@@ -69,5 +66,6 @@ def recalibrate_bundle(bundle: Bundle, scans: list[ReferenceScan], dest: Path, d
     LOG.info("New healthy reference: %d scans; thresholds %s; observed mask FPR %s",
              len(scans), thresholds,
              {k: round(v, 5) for k, v in calib.mask_fpr.items()})
-    return save_bundle(dest, bundle.model, card, calib,
+    card = replace(bundle.model_card, reference_cohort=cohort, calibration=calib)
+    return save_bundle(dest, bundle.model, card,
                        extra_files={"calibration.npz": calibration_npz(calib)})
