@@ -26,7 +26,8 @@ from ..core.paths import ensure_writable_dir, validate_run_paths
 from ..core.versions import software_versions
 from ..preprocessing.checks import load_checked
 from ..progress import Reporter
-from ..workflows.base import Failure, preprocessing_workflow, result_output, scan_outcomes
+from ..workflows.base import Failure, result_output, scan_outcomes
+from ..workflows.preproc import init_preproc_wf
 from ..workflows.watch import run_watched
 
 LOG = logging.getLogger("bids_anomaly")
@@ -150,7 +151,7 @@ def precheck(scans: list[ScanInput]) -> tuple[list[ScanInput], dict[str, Failure
 def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash_dir: Path
                       ) -> tuple[dict[str, Path], dict[str, Failure]]:
     """Preprocess ``scans``: the result file of each that finished, and why the others did not."""
-    wf, nodes = preprocessing_workflow(scans, cfg.preproc, cfg.work_dir,
+    wf, nodes = init_preproc_wf(scans, cfg.preproc, cfg.work_dir,
                                        cfg.resources.threads_per_node, cfg.seed, device)
     if not scans:
         return {}, {}

@@ -8,8 +8,6 @@ import json
 import time
 from pathlib import Path
 
-from nipype import Node, Workflow
-
 from ..bids_io import derivatives
 from ..bids_io.discovery import ScanInput
 from ..core.config import RunConfig
@@ -17,8 +15,8 @@ from ..core.errors import ExitCode
 from ..core.interrupt import remove_temp_files
 from ..core.naming import ScanKey, ScanOutputs
 from ..progress import Reporter
-from ..workflows.base import node_name, scan_outcomes
-from ..workflows.interfaces import DerivativesSink, Score
+from ..workflows.base import scan_outcomes
+from ..workflows.score import ScoreTarget, init_score_wf
 from ..workflows.watch import run_watched
 from .common import (
     LOG,
@@ -56,36 +54,12 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
     good, failed = precheck(scans)
     done, pfail = run_preprocessing(cfg, good, device, crash_dir)
     failed.update(pfail)
-    wf = Workflow(name="score_wf", base_dir=str(cfg.work_dir))
     from ..models.bundle import CARD, sha256
 
-    card_sha = sha256(bundle.path / CARD)
-    chains: dict[str, list[Node]] = {}  # scan id -> its nodes, in execution order
-    threads = cfg.resources.threads_per_node
-    for scan in good:
-        sid = scan.key.scan_id
-        if sid not in done:
-            continue
-        score = Node(Score(), name=node_name("score", sid), n_procs=threads, mem_gb=1.0)
-        score.inputs.preproc = str(done[sid])
-        score.inputs.bundle = str(bundle.path.resolve())
-        # The card lists every file's sha256 and the calibration: any change re-scores.
-        score.inputs.bundle_sha256 = card_sha
-        score.inputs.device = device
-        score.inputs.threads = threads
-        score.inputs.use_gpu = device.startswith("cuda")
-        sink = Node(DerivativesSink(), name=node_name("sink", sid))
-        sink.overwrite = True
-        sink.inputs.output_dir = str(cfg.output_dir.resolve())
-        sink.inputs.bids_dir = str(cfg.bids_dir.resolve())
-        sink.inputs.key = {"subject": scan.key.subject, "session": scan.key.session,
-                           "run": scan.key.run, "acquisition": scan.key.acquisition}
-        sink.inputs.preproc = str(done[sid])
-        sink.inputs.sources = {c: str(p.resolve()) for c, p in scan.files.items()}
-        sink.inputs.provenance = prov
-        sink.inputs.resolution = bundle.model_card.resolution
-        wf.connect(score, "files", sink, "files")
-        chains[sid] = [score, sink]
+    target = ScoreTarget(bundle.path, sha256(bundle.path / CARD), bundle.model_card.resolution,
+                         cfg.bids_dir, cfg.output_dir, prov)
+    wf, chains = init_score_wf(good, done, target, cfg.work_dir, device,
+                               cfg.resources.threads_per_node)
     if chains:
         step = Reporter(cfg.progress).step("scoring", len(chains), "scans")
         run = run_watched(wf, cfg.resources, crash_dir, step,

@@ -7,15 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from nipype import Node, Workflow
-
 from ..bids_io.discovery import ScanInput, healthy_subjects
 from ..core.config import RunConfig, TrainConfig
 from ..core.errors import DataError, EmptySelectionError, ExitCode, MissingInputError, TrainingError
 from ..core.reference import file_sha256
 from ..progress import Reporter, TrainingView
-from ..workflows.base import node_name, scan_outcomes
-from ..workflows.interfaces import Fit, Recalibrate
+from ..workflows.base import scan_outcomes
+from ..workflows.train import init_calibrate_wf, init_train_wf
 from ..workflows.watch import run_watched
 from .common import (
     RunSummary,
@@ -95,14 +93,8 @@ def _train(cfg: RunConfig, tcfg: TrainConfig, scans: list[ScanInput], device: st
         "checkpoint": str(cfg.work_dir / "train" / tcfg.name / "checkpoint.pt"),
         "resume": tcfg.resume,
     }
-    wf = Workflow(name=f"train_{node_name('wf', tcfg.name)}", base_dir=str(cfg.work_dir))
-    node = Node(Fit(), name="fit", n_procs=threads, mem_gb=3.0)
-    node.inputs.preproc = [str(done[s.key.scan_id]) for s in ok]
-    node.inputs.spec = spec
-    node.inputs.dest = str(dest.resolve())  # nipype runs the node from its own folder
-    node.inputs.use_gpu = device.startswith("cuda")
-    node.overwrite = True  # the bundle is the product: always (re)write it
-    wf.add_nodes([node])
+    wf, node = init_train_wf(tcfg.name, [str(done[s.key.scan_id]) for s in ok], spec, dest,
+                             cfg.work_dir, threads, use_gpu=device.startswith("cuda"))
     step = Reporter(cfg.progress).step(f"training {tcfg.model_type}")
     run = run_watched(wf, cfg.resources, crash_dir, step, training=TrainingView())
     _, fit_failed = scan_outcomes(run, {"fit": [node]})
@@ -138,19 +130,11 @@ def run_calibrate(cfg: RunConfig, model: str, name: str | None = None) -> RunSum
         if not ok:
             raise EmptySelectionError("calibrate needs healthy participants that preprocess "
                                       "cleanly; none did (see the errors above)")
-        wf = Workflow(name=f"calibrate_{node_name('wf', name)}", base_dir=str(cfg.work_dir))
-        node = Node(Recalibrate(), name="calibrate", n_procs=cfg.resources.nprocs, mem_gb=3.0)
-        node.inputs.bundle = str(bundle.path.resolve())
-        node.inputs.preproc = [str(done[s.key.scan_id]) for s in ok]
-        node.inputs.scans = [{"participant": s.key.subject, "scan_id": s.key.scan_id,
-                              "sha256": file_sha256(s.files["T1w"])} for s in ok]
-        node.inputs.dataset = str(cfg.bids_dir.resolve())
-        node.inputs.dest = str(dest.resolve())
-        node.inputs.device = device
-        node.inputs.threads = cfg.resources.nprocs
-        node.inputs.use_gpu = device.startswith("cuda")
-        node.overwrite = True
-        wf.add_nodes([node])
+        wf, node = init_calibrate_wf(
+            name, bundle.path, [str(done[s.key.scan_id]) for s in ok],
+            [{"participant": s.key.subject, "scan_id": s.key.scan_id,
+              "sha256": file_sha256(s.files["T1w"])} for s in ok],
+            str(cfg.bids_dir.resolve()), dest, cfg.work_dir, device, cfg.resources.nprocs)
         step = Reporter(cfg.progress).step(f"calibrating on {len(ok)} healthy scans")
         run = run_watched(wf, cfg.resources, crash_dir, step)
         _, cal_failed = scan_outcomes(run, {"calibrate": [node]})

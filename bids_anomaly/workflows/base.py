@@ -13,10 +13,8 @@ from pathlib import Path
 
 from nipype import Node, Workflow
 
-from ..bids_io.discovery import ScanInput
-from ..core.config import PreprocConfig, ResourceConfig
+from ..core.config import ResourceConfig
 from ..core.errors import ExitCode
-from .interfaces import Preprocess
 
 LOG = logging.getLogger("bids_anomaly")
 
@@ -327,21 +325,3 @@ def result_output(result, output: str) -> Path | None:
     value = getattr(result.outputs, output, None) if result.outputs else None
     return Path(value) if value else None
 
-
-def preprocessing_workflow(scans: list[ScanInput], preproc: PreprocConfig, work_dir: Path,
-                           threads: int, seed: int, device: str) -> tuple[Workflow, dict]:
-    """One Preprocess node per scan (shared by train and score, so the cache is reused)."""
-    wf = Workflow(name="preproc_wf", base_dir=str(work_dir))
-    nodes = {}
-    for scan in scans:
-        node = Node(Preprocess(), name=node_name("preproc", scan.key.scan_id),
-                    n_procs=threads, mem_gb=1.5)
-        node.inputs.t1w = str(scan.t1w)
-        node.inputs.extra = {c: str(p) for c, p in scan.files.items() if c != "T1w"}
-        node.inputs.config = preproc.to_dict()
-        node.inputs.threads = threads
-        node.inputs.seed = seed
-        node.inputs.device = "cpu" if device == "cpu" else device
-        wf.add_nodes([node])
-        nodes[scan.key.scan_id] = node
-    return wf, nodes
