@@ -148,3 +148,17 @@ def test_every_module_imports_on_its_own():
     later = {m: [x for x in r["loaded"] if x in result and stage(x) > stage(m)]
              for m, r in result.items()}
     assert not {m: x for m, x in later.items() if x}, later
+
+
+def test_every_package_is_installed():
+    """A non-editable install (the container images) ships only the packages pyproject
+    lists: every folder with an ``__init__.py`` must be among them."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "bids_anomaly").rglob("__init__.py")} | {"bids_anomaly.cli"}
+    assert found - listed == set(), "packages missing from pyproject.toml"
+    assert listed - found == set(), "pyproject.toml lists packages that do not exist"
