@@ -136,6 +136,7 @@ def test_greedy_label_expansion():
 
 def test_cli_offers_every_registered_model():
     from bids_anomaly.cli.parser import MODEL_TYPES
+
     from bids_anomaly.models.registry import REGISTRY, get_model_class
 
     get_model_class("dae")  # registers the built-in models
