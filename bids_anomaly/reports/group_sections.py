@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .html import NA, esc, fmt_num, fmt_score, is_missing, to_float
+from .html import NA, crash_list, esc, fmt_num, fmt_score, is_missing, to_float
 from .loaders import crash_files
 
 
@@ -167,10 +167,4 @@ def failed_html(rows: list[dict[str, str]], ids: list[str], failed: list[bool],
 
 def crash_html(output_dir: Path) -> str:
     crashes = crash_files(output_dir)
-    if not crashes:
-        return ""
-    items = []
-    for c in crashes:
-        head = f"<pre>{esc(chr(10).join(c.head))}</pre>" if c.head else ""
-        items.append(f"<li><code>{esc(c.path)}</code>{head}</li>")
-    return f'<h2>Crash files</h2><ul data-testid="crash-files">{"".join(items)}</ul>'
+    return crash_list(crashes) if crashes else ""

@@ -127,6 +127,15 @@ def kv_list(items: list[tuple[str, Any]]) -> str:
     return f'<dl class="kv">{"".join(rows)}</dl>'
 
 
+def crash_list(crashes, note: str = "") -> str:
+    """The "Crash files" section: each file's path and the head of its traceback."""
+    items = []
+    for c in crashes:
+        head = f"<pre>{esc(chr(10).join(c.head))}</pre>" if c.head else ""
+        items.append(f"<li><code>{esc(c.path)}</code>{head}</li>")
+    return f'<h2>Crash files</h2>{note}<ul data-testid="crash-files">{"".join(items)}</ul>'
+
+
 def table(columns: list[str], rows: list[list[Any]], numeric: set[str] | None = None,
           testid: str | None = None) -> str:
     """A plain HTML table; every cell is escaped."""

@@ -22,6 +22,7 @@ from .assets import asset
 from .html import (
     AGEING_NOTE,
     NA,
+    crash_list,
     esc,
     fmt_num,
     fmt_score,
@@ -266,8 +267,4 @@ def _crash_section(label: str, scans: list[ScanRecord], crashes: list[CrashFile]
                 "participant; all are listed.</p>")
     if not mine:
         return ""
-    items = []
-    for c in mine:
-        head = f"<pre>{esc(chr(10).join(c.head))}</pre>" if c.head else ""
-        items.append(f"<li><code>{esc(c.path)}</code>{head}</li>")
-    return (f'<h2>Crash files</h2>{note}<ul data-testid="crash-files">{"".join(items)}</ul>')
+    return crash_list(mine, note)
