@@ -7,7 +7,9 @@ Three measurements, each with a fresh work dir and a fresh OUTPUT_DIR (nothing c
 
 * cold: one participant through the CLI in a new process (interpreter start, imports,
   nipype, preprocessing, scoring, derivatives, participant report) — what one SLURM array
-  task costs;
+  task costs; ``--cold-runs`` times (median), and with ``--baseline-src DIR`` (another
+  checkout, e.g. ``git worktree add /tmp/old <commit>``) the same runs of that code,
+  interleaved, with the ratio;
 * latency: each of the N participants alone through ``runner.run_participant`` in this
   (warm) process: per-participant wall time (median, p90) and per-stage times, read from
   the scores record each scan gets (``preprocessing.timings`` and ``timings``: load,
@@ -125,6 +127,34 @@ def run_cfg(bids: Path, out: Path, work: Path, labels: list[str], nprocs: int, o
                      resources=ResourceConfig(nprocs=nprocs, omp_nthreads=omp, device="cpu"))
 
 
+def cold_run(root: Path, bids: Path, bundle: Path, label: str, args, sampler,
+             src: Path | None) -> tuple[float, float, dict[str, float]]:
+    """(wall s, CPU s, stage times) of one participant through the CLI in a new process;
+    ``src``: run that source tree's code instead (PYTHONPATH)."""
+    cmd = [sys.executable, "-m", "bids_anomaly.cli.main", str(bids), str(root / "out"),
+           "participant", "--model", str(bundle), "--participant-label", label,
+           "-w", str(root / "work"), "--nprocs", str(args.nprocs), "--device", "cpu"]
+    if args.omp_nthreads:
+        cmd += ["--omp-nthreads", str(args.omp_nthreads)]
+    env = dict(os.environ)
+    if src is not None:  # -S: no .pth files, so an editable install cannot shadow ``src``
+        import site
+
+        cmd[1:1] = ["-S"]
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *site.getsitepackages()])
+    t, c = time.perf_counter(), sampler.cpu_s()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root.parent)
+    wall = time.perf_counter() - t
+    time.sleep(2 * sampler.every)
+    cpu = sampler.cpu_s() - c
+    if r.returncode:
+        sys.exit(f"cold run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    stages = stage_times(root / "out", label)
+    if args.keep is None:
+        shutil.rmtree(root / "work", ignore_errors=True)
+    return wall, cpu, stages
+
+
 def stage_times(out: Path, label: str) -> dict[str, float]:
     """Stage times from the scores record(s) of one participant (summed over its scans)."""
     times: dict[str, float] = {}
@@ -151,6 +181,9 @@ def main() -> None:
                     help="participants timed alone (0: all of them; -1: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, help="work here and keep everything (default: temp)")
+    ap.add_argument("--cold-runs", type=int, default=3, help="fresh-process runs (median)")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="a source tree of another version: its cold runs, interleaved")
     args = ap.parse_args()
 
     os.environ.setdefault("NIPYPE_NO_ET", "1")
@@ -184,22 +217,21 @@ def main() -> None:
         labels = labels[: args.participants]
         n = len(labels)
 
-        # Cold: one participant, new process, fresh folders.
-        cmd = [sys.executable, "-m", "bids_anomaly.cli.main", str(bids), str(root / "out-cold"),
-               "participant", "--model", str(bundle), "--participant-label", labels[0],
-               "-w", str(root / "work-cold"), "--nprocs", str(args.nprocs), "--device", "cpu"]
-        if args.omp_nthreads:
-            cmd += ["--omp-nthreads", str(args.omp_nthreads)]
-        t, c = time.perf_counter(), sampler.cpu_s()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        cold = time.perf_counter() - t
-        time.sleep(2 * sampler.every)
-        cold_cpu = sampler.cpu_s() - c
-        if r.returncode:
-            sys.exit(f"cold run failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        cold_stages = stage_times(root / "out-cold", labels[0])
-        print(f"cold run (new process, 1 participant): {cold:.1f} s, CPU {cold_cpu:.1f} s",
-              flush=True)
+        # Cold: one participant, new process, fresh folders (each version in turn).
+        versions = {"this": None}
+        if args.baseline_src:
+            versions["baseline"] = args.baseline_src.resolve()
+        colds: dict[str, list[tuple[float, float]]] = {v: [] for v in versions}
+        for k in range(args.cold_runs):
+            for version, src in versions.items():
+                wall, cpu, stages = cold_run(root / f"cold-{version}-{k}", bids, bundle,
+                                             labels[0], args, sampler, src)
+                colds[version].append((wall, cpu))
+                if version == "this":
+                    cold_stages = stages
+                print(f"cold run {k + 1} ({version}, new process, 1 participant): {wall:.1f} s,"
+                      f" CPU {cpu:.1f} s", flush=True)
+        cold = statistics.median(w for w, _ in colds["this"])
 
         rows = []
         n_lat = n if args.latency_n == 0 else max(0, min(n, args.latency_n))
@@ -239,8 +271,15 @@ def main() -> None:
 
         print(f"\n{args.dataset}, {n} participants, --nprocs {args.nprocs}, omp-nthreads "
               f"{args.omp_nthreads or 'default'}, CPU, model {card['model_type']}")
-        print(f"cold single participant (new process, imports included): {cold:.1f} s "
-              f"(stages: {', '.join(f'{k} {v:.1f}' for k, v in cold_stages.items())})")
+        print(f"cold single participant (new process, imports included): median {cold:.1f} s "
+              f"of {args.cold_runs}, CPU {statistics.median(c for _, c in colds['this']):.1f} s"
+              f" (stages of the last: "
+              f"{', '.join(f'{k} {v:.1f}' for k, v in cold_stages.items())})")
+        if "baseline" in colds:
+            base = statistics.median(w for w, _ in colds["baseline"])
+            print(f"  baseline {args.baseline_src}: median {base:.1f} s, CPU "
+                  f"{statistics.median(c for _, c in colds['baseline']):.1f} s; this / baseline "
+                  f"= {cold / base:.2f}")
         if rows:
             ok = [r_ for r_ in rows if r_["status"] == "ok"]
             walls = [r_["wall_s"] for r_ in ok]

@@ -25,15 +25,19 @@ class ResourceConfig:
     """Compute resources: nipype plugin, processes, threads, memory and device."""
 
     nprocs: int = field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))))
-    omp_nthreads: int = 0  # 0: nprocs for single-node steps, 1 per node in parallel steps
+    omp_nthreads: int = 0  # 0: the cores shared out between the nodes that run at once
     mem_gb: float | None = None
     device: str = "auto"
     plugin: str = "MultiProc"
     plugin_args: dict = field(default_factory=dict)
 
-    @property
-    def threads_per_node(self) -> int:
-        return self.omp_nthreads if self.omp_nthreads > 0 else 1
+    def threads_for(self, parallel: int) -> int:
+        """Threads for each of ``parallel`` like nodes (one per scan): ``omp_nthreads`` when
+        set, else ``nprocs`` shared out between the nodes that can run at once, so one
+        participant gets every core and a batch runs one single-threaded scan per core."""
+        if self.omp_nthreads > 0:
+            return self.omp_nthreads
+        return max(1, self.nprocs // max(1, min(parallel, self.nprocs)))
 
 
 @dataclass(frozen=True)

@@ -59,12 +59,11 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
     for i, c in enumerate(card.contrasts):
         files[f"recon_{c}"] = _save(result.recon[i], template.affine, out_dir / f"recon_{c}.nii.gz")
     native_ref = nb.load(pre.native_ref)
-    nat_stat = to_native(result.statmap, template, native_ref, Path(pre.xfm), out_dir / "tmp",
-                         threads=threads)
+    nat_stat = to_native(result.statmap, template, native_ref, Path(pre.xfm), out_dir / "tmp")
     files["native_statmap"] = _save(nat_stat, native_ref.affine, out_dir / "native_statmap.nii.gz")
     # The native mask is the template mask brought back (nearest-neighbour-like at 0.5).
     nat_mask = to_native(result.mask.astype(np.float32), template, native_ref, Path(pre.xfm),
-                         out_dir / "tmp", threads=threads) > 0.5
+                         out_dir / "tmp") > 0.5
     files["native_mask"] = _save(nat_mask, native_ref.affine, out_dir / "native_mask.nii.gz",
                                  np.uint8)
     for f in (out_dir / "tmp").iterdir():

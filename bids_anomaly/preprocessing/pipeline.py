@@ -76,7 +76,11 @@ def preprocess_scan(
     """Preprocess one scan into ``out_dir``; ``files`` maps contrast → path, T1w required."""
     import torch
 
-    torch.set_num_threads(max(1, threads))  # deepbet: size torch to the node's cores
+    # The node's cores go to deepbet (torch). N4 and ANTs run on one: N4's result changes
+    # with its thread count (and 2 threads were no faster on a 1 mm T1w), and ANTs is
+    # repeatable only single-threaded (registration.py), so a scan preprocessed alone is
+    # preprocessed as it is in a batch.
+    torch.set_num_threads(max(1, threads))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "tmp"
@@ -100,7 +104,7 @@ def preprocess_scan(
 
     t = time.perf_counter()
     if config.n4:
-        data = n4_correct(data, mask, zooms, shrink=config.n4_shrink, threads=threads)
+        data = n4_correct(data, mask, zooms, shrink=config.n4_shrink, threads=1)
     timings["n4"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -108,21 +112,21 @@ def preprocess_scan(
     brain_img = nb.Nifti1Image(brain, affine)
     xfm = out_dir / "xfm.mat"
     fwd = register_to_template(
-        brain_img, template, xfm, work, kind=config.registration, seed=seed, threads=threads
+        brain_img, template, xfm, work, kind=config.registration, seed=seed
     )
     timings["registration"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tmask = to_template(nb.Nifti1Image(mask.astype(np.float32), affine), template, fwd, work,
-                        threads=threads) > 0.5
+    tmask = to_template(nb.Nifti1Image(mask.astype(np.float32), affine), template, fwd,
+                        work) > 0.5
     tmpl_mask = _save(tmask, template.affine, out_dir / "template_brain_mask.nii.gz", np.uint8)
     images = {}
     for contrast, path in files.items():
         if contrast == "T1w":
             moving, transforms = nb.Nifti1Image(data, affine), fwd
         else:
-            moving, transforms = _contrast_to_t1(path, t1, mask, fwd, work, threads, seed)
-        warped = to_template(moving, template, transforms, work, threads=threads)
+            moving, transforms = _contrast_to_t1(path, t1, mask, fwd, work, seed)
+        warped = to_template(moving, template, transforms, work)
         norm = normalise_intensity(warped, tmask)
         images[contrast] = _save(norm, template.affine, out_dir / f"template_{contrast}.nii.gz")
     timings["resample_normalise"] = time.perf_counter() - t
@@ -144,14 +148,14 @@ def preprocess_scan(
     return result
 
 
-def _contrast_to_t1(path, t1, mask, fwd, work, threads, seed):
+def _contrast_to_t1(path, t1, mask, fwd, work, seed):
     """Rigidly align an extra contrast to the T1w; return it and its transform chain."""
     import ants
 
-    from .registration import _ants_image, _set_threads
+    from .registration import _ants_image, _single_threaded
 
     img = load_checked(path)
-    _set_threads(threads)
+    _single_threaded()
     fixed = _ants_image(nb.Nifti1Image(np.asarray(t1.dataobj) * mask, t1.affine), work, "t1ref")
     mov = _ants_image(img, work, "contrast")
     reg = ants.registration(fixed=fixed, moving=mov, type_of_transform="Rigid", random_seed=seed,

@@ -14,8 +14,14 @@ from ..core.templates import Template
 TRANSFORMS = {"affine": "Affine", "rigid": "Rigid", "syn": "SyN"}
 
 
-def _set_threads(threads: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, threads))
+def _single_threaded() -> None:
+    """Run ANTs on one thread: only then is a registration repeatable.
+
+    Measured on an IXI T1w: with 2 ITK threads (either ITK threader, seed fixed) two runs gave
+    two different affines; single-threaded they are byte-identical. ITK reads this variable
+    once, at a process's first ANTs call, so every ANTs call here sets the same value; the
+    node's other threads go to deepbet (torch) and N4 (SimpleITK), which are repeatable."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
 
 
 def _set_seed(seed: int) -> None:
@@ -52,7 +58,6 @@ def register_to_template(
     work: Path,
     kind: str = "affine",
     seed: int = 0,
-    threads: int = 1,
 ) -> list[str]:
     """Register a brain image to the template brain; copy the transforms beside ``xfm_out``.
 
@@ -62,7 +67,7 @@ def register_to_template(
     """
     import ants
 
-    _set_threads(threads)
+    _single_threaded()
     _set_seed(seed)
     work.mkdir(parents=True, exist_ok=True)
     fixed = _ants_image(template.image(template.t1), work, "template")
@@ -91,12 +96,12 @@ def warp_paths(xfm: Path | str) -> tuple[Path, Path]:
 
 def to_template(
     img: nb.Nifti1Image, template: Template, transforms: list[str], work: Path,
-    interpolation: str = "linear", threads: int = 1,
+    interpolation: str = "linear",
 ) -> np.ndarray:
     """Resample a native image onto the template grid."""
     import ants
 
-    _set_threads(threads)
+    _single_threaded()
     fixed = _ants_image(template.image(template.t1), work, "template_ref")
     mov = _ants_image(img, work, "to_template_in")
     out = ants.apply_transforms(fixed, mov, transformlist=transforms, interpolator=interpolation)
@@ -105,7 +110,7 @@ def to_template(
 
 def to_native(
     data: np.ndarray, template: Template, native_ref: nb.Nifti1Image, xfm: Path, work: Path,
-    interpolation: str = "linear", threads: int = 1,
+    interpolation: str = "linear",
 ) -> np.ndarray:
     """Bring a template-space map back onto the participant's native grid.
 
@@ -113,7 +118,7 @@ def to_native(
     """
     import ants
 
-    _set_threads(threads)
+    _single_threaded()
     work.mkdir(parents=True, exist_ok=True)
     fixed = _ants_image(native_ref, work, "native_ref")
     mov = _ants_image(template.image(data), work, "to_native_in")

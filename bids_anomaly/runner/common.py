@@ -29,6 +29,7 @@ from ..progress import Reporter
 from ..workflows.base import Failure, result_output, scan_outcomes
 from ..workflows.preproc import init_preproc_wf
 from ..workflows.watch import run_watched
+from ..workflows.workers import start_worker_server
 
 LOG = logging.getLogger("bids_anomaly")
 # OSErrors of a derivatives sink that mean "cannot create output" (exit 73): ENOSPC, EROFS,
@@ -152,7 +153,7 @@ def run_preprocessing(cfg: RunConfig, scans: list[ScanInput], device: str, crash
                       ) -> tuple[dict[str, Path], dict[str, Failure]]:
     """Preprocess ``scans``: the result file of each that finished, and why the others did not."""
     wf, nodes = init_preproc_wf(scans, cfg.preproc, cfg.work_dir,
-                                       cfg.resources.threads_per_node, cfg.seed, device)
+                                cfg.resources.threads_for(len(scans)), cfg.seed, device)
     if not scans:
         return {}, {}
     step = Reporter(cfg.progress).step("preprocessing", len(scans), "scans")
@@ -210,6 +211,7 @@ def start_bundle_run(cfg: RunConfig, model: str):
 
     t0 = time.perf_counter()
     crash_dir = setup_run(cfg)
+    start_worker_server(cfg.resources)  # its imports overlap the bundle check and discovery
     device = run_device(cfg)
     bundle = load_bundle(resolve_model(model, cfg.output_dir))
     cfg = _as_bundle_preprocesses(cfg, bundle)

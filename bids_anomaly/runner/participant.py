@@ -59,7 +59,7 @@ def _score_scans(cfg: RunConfig, bundle, scans: list[ScanInput], device: str,
     target = ScoreTarget(bundle.path, sha256(bundle.path / CARD), bundle.model_card.resolution,
                          cfg.bids_dir, cfg.output_dir, prov)
     wf, chains = init_score_wf(good, done, target, cfg.work_dir, device,
-                               cfg.resources.threads_per_node)
+                               cfg.resources.threads_for(len(done)))
     if chains:
         step = Reporter(cfg.progress).step("scoring", len(chains), "scans")
         run = run_watched(wf, cfg.resources, crash_dir, step,

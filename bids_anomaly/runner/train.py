@@ -15,6 +15,7 @@ from ..progress import Reporter, TrainingView
 from ..workflows.base import scan_outcomes
 from ..workflows.train import init_calibrate_wf, init_train_wf
 from ..workflows.watch import run_watched
+from ..workflows.workers import start_worker_server
 from .common import (
     RunSummary,
     ScanStatus,
@@ -32,6 +33,7 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     """Preprocess the healthy cohort (fan-out), then fit and calibrate one model bundle."""
     t0 = time.perf_counter()
     crash_dir = setup_run(cfg)
+    start_worker_server(cfg.resources)
     device = run_device(cfg)
     scans = discover(cfg)
     subjects = sorted({s.key.subject for s in scans})
