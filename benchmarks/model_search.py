@@ -90,6 +90,15 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # The default since the search: 2.5D, 4 draws, a ±30% bias field, σ 1.
     "dae+ctx1+bias3": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3},
                        {"smooth_sigma": 1.0}),
+    # Wider smoothing of the default's statmap (the trained networks are shared).
+    "dae+ctx1+bias3+smooth15": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3},
+                                {"smooth_sigma": 1.5}),
+    "dae+ctx1+bias3+smooth2": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3},
+                               {"smooth_sigma": 2.0}),
+    "zscore+smooth15": ("zscore", {}, {"smooth_sigma": 1.5}),
+    # The default trained to restore synthetic anomalies (half the slices get one).
+    "dae+ctx1+bias3+anomalies": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                                         "anomaly_p": 0.5}, {"smooth_sigma": 1.0}),
 }
 
 
