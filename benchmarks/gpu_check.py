@@ -33,7 +33,7 @@ What it does, per model (``dae``; ``ddpm`` too with ``--ddpm``):
    ventricles, a smooth bias field and noise, numpy only; ``template``: nilearn's packaged
    template (``bids_anomaly.core.templates.load_template(2)``) with smooth random intensity
    fields, small shifts and noise; ``auto``: template where nibabel and nilearn import;
-3. the model's own ``fit`` (TorchTrainer: AMP and pinned memory on CUDA) for exactly
+3. the model's own ``fit`` (TorchTrainer: GPU-resident on CUDA, bf16 autocast) for exactly
    ``--epochs`` epochs (patience and time budget disabled), on CPU (``--threads``, default:
    every core this process may use) and on CUDA, same seed and same initial weights: seconds
    per epoch (the first one apart: it carries warm-up), training slices per second, speed-up,

@@ -1,8 +1,8 @@
 """Training-time augmentation of 2D slice batches, suited to MRI. Plain torch (no MONAI).
 
-Every random draw comes from the trainer's per-epoch CPU ``torch.Generator`` (parameters are
-drawn on the CPU, then moved to the batch's device), so a resumed run repeats an uninterrupted
-one exactly and results do not depend on the device's RNG. Image and mask get the same
+Every random draw comes from the trainer's per-epoch ``torch.Generator``, on the generator's
+own device (the CPU on CPU; the GPU on CUDA, so that no parameter is copied from the host at
+each step), so a resumed run repeats an uninterrupted one exactly. Image and mask get the same
 geometric transform; the intensity transforms touch the image only. The augmented slice is
 the training target too (the model's ``make_input`` corrupts it afterwards).
 
@@ -37,16 +37,16 @@ import torch.nn.functional as F
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=gen.device)
 
 
 def flip_shift(x: torch.Tensor, m: torch.Tensor, shift: int, gen: torch.Generator):
     """Random left-right flips and in-plane shifts (same for image and mask)."""
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    flip = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
     x = torch.where(flip[:, None, None, None].to(x.device), x.flip(-2), x)
     m = torch.where(flip[:, None, None, None].to(m.device), m.flip(-2), m)
     if shift > 0:
-        dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+        dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen, device=gen.device).tolist()
         x = torch.roll(x, (dx, dy), dims=(-2, -1))
         m = torch.roll(m, (dx, dy), dims=(-2, -1))
     return x, m
@@ -64,7 +64,7 @@ def intensity_gamma(x: torch.Tensor, strength: float, gen: torch.Generator) -> t
 def bias_field(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
     """Multiply by a smooth field in [1 - s, 1 + s] (3×3 control grid, bicubic upsampling)."""
     n, _, h, w = x.shape
-    ctrl = torch.rand(n, 1, 3, 3, generator=gen).to(x.device, x.dtype) * 2 - 1
+    ctrl = torch.rand(n, 1, 3, 3, generator=gen, device=gen.device).to(x.device, x.dtype) * 2 - 1
     field = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True)
     return x * (1 + strength * field.clamp(-1, 1))
 
@@ -75,7 +75,7 @@ def affine(x: torch.Tensor, m: torch.Tensor, degrees: float, gen: torch.Generato
     theta = _uniform(n, -degrees, degrees, gen) * (math.pi / 180)
     zoom = _uniform(n, 1 - degrees / 100, 1 + degrees / 100, gen)
     cos, sin = torch.cos(theta) / zoom, torch.sin(theta) / zoom
-    zero = torch.zeros(n)
+    zero = torch.zeros(n, device=gen.device)
     mat = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     mat = mat.to(x.device, torch.float32)
     grid = F.affine_grid(mat, list(x.shape), align_corners=False)
@@ -91,10 +91,11 @@ def contrast_curve(x: torch.Tensor, strength: float, gen: torch.Generator) -> to
     percentile); values above ``top`` keep the last segment's slope."""
     n = x.shape[0]
     top = float(torch.quantile(x.detach().flatten()[::7].float(), 0.999)) or 1.0
-    knots = torch.linspace(0, 1, 6)
-    inner = knots[1:-1] + (torch.rand(n, 4, generator=gen) * 2 - 1) * strength
-    ys = torch.cat([torch.zeros(n, 1), inner.sort(dim=1).values.clamp(0.02, 0.98),
-                    torch.ones(n, 1)], dim=1).to(x.device, x.dtype)
+    dev = gen.device
+    knots = torch.linspace(0, 1, 6, device=dev)
+    inner = knots[1:-1] + (torch.rand(n, 4, generator=gen, device=dev) * 2 - 1) * strength
+    ys = torch.cat([torch.zeros(n, 1, device=dev), inner.sort(dim=1).values.clamp(0.02, 0.98),
+                    torch.ones(n, 1, device=dev)], dim=1).to(x.device, x.dtype)
     t = (x / top).clamp(min=0)
     pos = (t * 5).clamp(max=5 - 1e-6)
     i = pos.floor().long()
@@ -110,10 +111,10 @@ def gaussian_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> to
     """Separable Gaussian blur, sigma drawn in [0, max_sigma] per slice and axis."""
     n = x.shape[0]
     radius = max(1, int(math.ceil(2.5 * max_sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=gen.device)
     out = x
     for dim in (-2, -1):
-        sigma = torch.rand(n, generator=gen) * max_sigma + 1e-3
+        sigma = torch.rand(n, generator=gen, device=gen.device) * max_sigma + 1e-3
         k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
         k = (k / k.sum(dim=1, keepdim=True)).to(x.device, x.dtype)  # (n, 2r+1)
         c = out.shape[1]

@@ -17,9 +17,10 @@ def coarse_noise(x: torch.Tensor, std: float, scale: int,
     """Gaussian noise drawn at 1/scale resolution, upsampled bilinearly with a random offset."""
     n, c, h, w = x.shape
     gh, gw = h // scale + 2, w // scale + 2
-    noise = torch.randn(n, c, gh, gw, generator=generator, device="cpu").to(x.device) * std
+    dev = generator.device  # the CPU, or the GPU for a GPU-resident training loop
+    noise = torch.randn(n, c, gh, gw, generator=generator, device=dev).to(x.device) * std
     up = F.interpolate(noise, size=(gh * scale, gw * scale), mode="bilinear", align_corners=False)
-    ox, oy = torch.randint(0, scale, (2,), generator=generator).tolist()
+    ox, oy = torch.randint(0, scale, (2,), generator=generator, device=dev).tolist()
     return up[:, :, ox : ox + h, oy : oy + w]
 
 
@@ -87,7 +88,7 @@ class DAEModel(SliceModel):
             x = insert_anomalies(clean, mask, float(self.hparams["anomaly_p"]), gen)
         scales = self._scales()
         # One scale draws nothing extra, so single-scale training is what it was before.
-        scale = scales[int(torch.randint(len(scales), (1,), generator=gen))] \
+        scale = scales[int(torch.randint(len(scales), (1,), generator=gen, device=gen.device))] \
             if len(scales) > 1 else scales[0]
         return x + self._noise(clean, float(self.hparams["noise_std"]), scale, gen) * mask
 

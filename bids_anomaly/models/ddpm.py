@@ -98,9 +98,11 @@ class DDPMModel(SliceModel):
     def make_input(self, clean: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
         """(x_t, t, eps): the clean slice noised to a random timestep (draws from ``gen``)."""
         n = clean.shape[0]
-        t = torch.randint(0, int(self.hparams["timesteps"]), (n,), generator=gen)
-        noise = torch.randn(clean.shape, generator=gen).to(clean.device, clean.dtype)
-        abar = self.alphas_cumprod[t].to(clean.device).view(n, 1, 1, 1)
+        t = torch.randint(0, int(self.hparams["timesteps"]), (n,), generator=gen,
+                          device=gen.device)
+        noise = torch.randn(clean.shape, generator=gen, device=gen.device).to(clean.device,
+                                                                             clean.dtype)
+        abar = self.alphas_cumprod.to(t.device)[t].to(clean.device).view(n, 1, 1, 1)
         noisy = abar.sqrt() * to_diffusion(clean) + (1 - abar).sqrt() * noise
         return noisy, t.to(clean.device), noise
 

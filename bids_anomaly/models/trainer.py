@@ -1,13 +1,22 @@
 """The training loop shared by every learned model.
 
 Seeded per epoch (so a resumed run repeats an uninterrupted one), early stopping on the
-validation loss, a checkpoint after every epoch, AMP and pinned memory on CUDA.
+validation loss, a checkpoint after every epoch.
+
+On CUDA the loop is GPU-resident: the training and validation slices are copied to the
+device once, batches are gathered there, the per-epoch generator lives on the device (every
+augmentation and noise draw is made there), the loss is summed on the device and read back
+once per epoch, the best weights are kept on the device, autocast runs in bfloat16 (no
+GradScaler; float16 with one where bfloat16 is not supported), Adam is fused and cuDNN picks
+its fastest kernels. On the CPU each of these is what it was (the same draws, the same
+float64 loss sum, deterministic algorithms), so CPU training is bit-for-bit unchanged.
 
 A checkpoint carries the run's fingerprint (model, network, hyper-parameters, seed and a digest
 of the training and validation tensors); ``resume`` refuses one whose fingerprint differs.
-Deterministic algorithms are on while ``fit`` runs, and the previous setting is restored.
+Deterministic algorithms are on while ``fit`` runs on the CPU, and the previous setting is
+restored.
 
-Each training batch is augmented on the device (:mod:`.augment`: flips, shifts, intensity and
+Each training batch is augmented on its device (:mod:`.augment`: flips, shifts, intensity and
 gamma, bias field, small affine) with draws from the per-epoch generator.
 
 The loss is the masked MSE of the network's output against the clean slice. A model with
@@ -92,6 +101,21 @@ def deterministic_algorithms(warn_only: bool = True) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+@contextmanager
+def fast_cuda() -> Iterator[None]:
+    """cuDNN's autotuned kernels and no deterministic-only algorithms for the block (GPU
+    training is repeatable to a tolerance, not bit for bit); the previous settings after it."""
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
 def tensor_digest(*tensors: torch.Tensor | None) -> str:
     """sha256 of the tensors' dtypes, shapes and bytes (None counts as absent)."""
     h = hashlib.sha256()
@@ -170,6 +194,9 @@ class TorchTrainer:
         loss_fn: LossFn | None = None,
     ) -> dict:
         """Train (or resume ``ctx.checkpoint``); the best epoch's weights end up in ``net``."""
+        if resolve_device(self.ctx.device).startswith("cuda"):
+            with fast_cuda():
+                return self._fit(x, m, xv, mv, make_input, loss_fn)
         with deterministic_algorithms():
             return self._fit(x, m, xv, mv, make_input, loss_fn)
 
@@ -200,12 +227,16 @@ class TorchTrainer:
         fingerprint = (run_fingerprint(self.net, hp, self.model, ctx.seed, (x, m), (xv, mv))
                        if ctx.checkpoint else None)
         net = self.net.to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"])
+        opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], fused=cuda or None)
         epochs = int(hp["epochs"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-        if cuda:
-            x, m = x.pin_memory(), m.pin_memory()
+        amp_dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported()
+                     else torch.float16)
+        scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+        if cuda:  # resident on the device: no host copy per batch
+            x, m = x.to(device), m.to(device)
+            if xv is not None:
+                xv, mv = xv.to(device), mv.to(device)
         history: list[dict] = []
         best = (math.inf, None, -1)
         start_epoch = 0
@@ -223,29 +254,31 @@ class TorchTrainer:
         epoch_times: list[float] = []
         for epoch in range(start_epoch, epochs):
             te = time.perf_counter()
-            gen = torch.Generator().manual_seed(ctx.seed * 100003 + epoch)
+            gen = torch.Generator(device=device if cuda else "cpu")
+            gen.manual_seed(ctx.seed * 100003 + epoch)
             # The global RNG too (VAE sampling, dropout): a resumed run must not depend on it.
             torch.manual_seed(ctx.seed * 100003 + epoch + (1 << 31))
             net.train()
-            order = torch.randperm(len(x), generator=gen)
-            total, seen = 0.0, 0
+            order = torch.randperm(len(x), generator=gen, device=gen.device)
+            # float64 on the device: read back once per epoch, the same sum as Python floats.
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
             for i in range(0, len(order), bs):
                 idx = order[i : i + bs]
-                xb = x[idx].to(device, non_blocking=True)
-                mb = m[idx].to(device, non_blocking=True)
+                xb, mb = x[idx], m[idx]
                 xb, mb = augment_batch(xb, mb, hp, gen)
                 inp = make_input(xb, mb, gen)
-                with torch.autocast(device_type="cuda", enabled=cuda):
+                with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=cuda):
                     out = net(inp)
                     loss = masked_loss(out, xb, mb, loss_fn)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                total += float(loss.detach()) * len(idx)
+                total += loss.detach().double() * len(idx)
                 seen += len(idx)
             sched.step()
-            train_loss = total / max(1, seen)
+            train_loss = float(total) / max(1, seen)
             val_loss = (self.validate(xv, mv, make_input, device, loss_fn) if xv is not None
                         else train_loss)
             dt = time.perf_counter() - te
@@ -256,8 +289,8 @@ class TorchTrainer:
             eta = eta_seconds(epoch_times, epochs - epoch - 1, time.perf_counter() - t0,
                               float(hp["max_minutes"]))
             rec_progress = {**rec, "epochs": epochs, "eta_seconds": eta}
-            if val_loss < best[0]:
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            if val_loss < best[0]:  # kept where the network is (no copy to the host on CUDA)
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 best = (val_loss, best_state, epoch + 1)
             self._save({"net": net.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "history": history, "epoch": epoch,
@@ -282,11 +315,13 @@ class TorchTrainer:
 
     @torch.no_grad()
     def validate(self, xv, mv, make_input, device, loss_fn: LossFn | None = None) -> float:
+        """Mean loss over the validation slices (float32 on every device), read back once."""
         self.net.eval()
-        gen = torch.Generator().manual_seed(self.ctx.seed + 7)
-        total = 0.0
+        cuda = str(device).startswith("cuda")
+        gen = torch.Generator(device=device if cuda else "cpu").manual_seed(self.ctx.seed + 7)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(xv), 64):
             xb, mb = xv[i : i + 64].to(device), mv[i : i + 64].to(device)
             out = self.net(make_input(xb, mb, gen))
-            total += float(masked_loss(out, xb, mb, loss_fn)) * len(xb)
-        return total / max(1, len(xv))
+            total += masked_loss(out, xb, mb, loss_fn).double() * len(xb)
+        return float(total) / max(1, len(xv))
