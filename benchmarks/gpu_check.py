@@ -43,7 +43,8 @@ What it does, per model (``dae``; ``ddpm`` too with ``--ddpm``):
    relative error ||cuda - cpu|| / ||cpu|| against ``--tol`` (2e-2), shapes, finite values,
    output actually written inside the brain;
 5. ``calibrate`` (held-out volumes, the training volumes as normative scans) once, then
-   ``reconstruct`` and ``score_volume`` of the lesion volume on CPU and CUDA: median of
+   ``reconstruct`` and ``score_volume`` of the lesion volume on CPU and CUDA (there with the
+   post-processing on the GPU, and once more with it on the host, compared): median of
    ``--repeats`` (ddpm on CPU: ``--ddpm-cpu-repeats``, 2) after one warm-up, with
    ``torch.cuda.synchronize`` around each repeat.
 
@@ -378,6 +379,16 @@ def bench_model(name: str, data: dict, args, cuda: bool, rep: Report) -> dict:
         rep.row(name, label, c, u, speedup(c, u), f"median of {reps}, 1 warm-up")
     if cuda:
         rep.row(name, "peak GPU MiB, score", None, g["peak_gpu_mib"])
+        # The same scoring with the post-processing on the host (scipy), and the two agreeing.
+        m = models["cuda"]
+        sn, rn = timed_runs(lambda: score_volume(m, vol, brain, calib, AFFINE, device="cuda",
+                                                 backend="numpy"), "cuda", args.repeats)
+        r_gpu = score_volume(m, vol, brain, calib, AFFINE, device="cuda")
+        diff = float(np.abs(r_gpu.statmap - rn.statmap).max())
+        rep.row(name, "score_volume s, scipy post", None, med(sn), speedup(med(sn), med(st)),
+                "ratio = scipy post / GPU post")
+        rep.check(name, "GPU post-processing = scipy", diff < 1e-3, f"max |diff| {diff:.2e}")
+        res["scoring"]["cuda_numpy_post_s"] = sn
     return res
 
 

@@ -84,17 +84,50 @@ class ScanResult:
 
 
 def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
-                 affine: np.ndarray, device: str = "cpu") -> ScanResult:
-    """Reconstruct, standardise, threshold and score one template-space volume."""
-    recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
-                             scan_spread=calib.scan_spread if calib.params.scan_baseline
-                             else None)
-    anomaly, eroded = postprocess(raw, brain, calib.params)
-    statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
+                 affine: np.ndarray, device: str = "cpu", backend: str = "auto") -> ScanResult:
+    """Reconstruct, standardise, threshold and score one template-space volume.
+
+    ``backend``: ``numpy`` (scipy, the reference), ``torch`` (the same math on ``device``:
+    :mod:`~bids_anomaly.calibration.statmap_torch`) or ``auto`` (torch on CUDA for bundles
+    with normative maps, else numpy). Cluster labelling runs on the CPU either way."""
+    spread = calib.scan_spread if calib.params.scan_baseline else None
+    if backend == "auto":
+        backend = ("torch" if str(device).startswith("cuda") and calib.normative is not None
+                   and calib.params.median_size in (1, 3) else "numpy")
     thr = float(calib.thresholds[calib.default_fpr])
+    if backend == "torch":
+        recon, statmap, score = _statmap_on_device(model, volume, brain, calib, spread, device)
+    else:
+        recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
+                                 scan_spread=spread)
+        anomaly, eroded = postprocess(raw, brain, calib.params)
+        statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
+        score = scan_score(statmap, eroded, calib.params.top_fraction)
     mask = threshold_mask(statmap, thr, calib.params.min_cluster_voxels)
-    score = scan_score(statmap, eroded, calib.params.top_fraction)
     pct = percentile_among(score, calib.healthy_scores)
     flagged = bool(pct >= calib.params.flag_percentile) if np.isfinite(pct) else None
     return ScanResult(recon, statmap, mask, score, pct, flagged, thr,
                       clusters_table(statmap, mask, affine))
+
+
+def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
+                       spread: list[float] | None, device: str
+                       ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(reconstruction, statmap, scan score) with the post-processing on ``device``."""
+    import torch
+
+    from ..calibration import statmap_torch as st
+
+    if calib.normative is None:
+        raise ValueError("the torch backend needs a bundle with normative maps")
+    recon = model.reconstruct(volume, brain, device=device)
+    with torch.no_grad():
+        vol = torch.as_tensor(volume, dtype=torch.float32, device=device)
+        rec = torch.as_tensor(recon, dtype=torch.float32, device=device)
+        b = torch.as_tensor(np.asarray(brain, bool), device=device)
+        raw = st.raw_map(vol, rec, b, calib.normative, spread)
+        anomaly, eroded = st.postprocess(raw, b, calib.params)
+        sd = calib.sd if calib.sd > 0 else 1.0
+        statmap = torch.where(eroded, (anomaly - calib.mu) / sd, torch.zeros_like(anomaly))
+        score = st.scan_score(statmap, eroded, calib.params.top_fraction)
+        return recon, statmap.cpu().numpy().astype(np.float32), score

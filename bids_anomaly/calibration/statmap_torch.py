@@ -1,0 +1,120 @@
+"""The residual → statmap math of :mod:`.statmap` in torch, for scoring on the GPU.
+
+The same steps with the same boundary rules as the scipy code (binary erosion with the
+6-neighbour cross and nothing outside the volume, a 3×3×3 median and a masked Gaussian with
+scipy's half-sample reflection at the volume's faces, a Gaussian truncated at 4 sigma), so a
+volume scored on the GPU gets the statmap the CPU gives to float32 rounding. Only the cluster
+labelling and the writing stay on the CPU. :func:`.statmap` remains the reference (the CPU path
+and calibration use it); ``tests/test_statmap_torch.py`` holds the two together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .types import NormativeMaps, ScoringParams
+
+
+def _reflect_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Pad ``r`` on both sides of ``dim`` as scipy's ``mode='reflect'`` (d c b a | a b c d)."""
+    if r == 0:
+        return x
+    n = x.shape[dim]
+    if r > n:  # longer than the axis: scipy folds again; clamp the index instead (rare)
+        idx = torch.arange(-r, n + r, device=x.device)
+        idx = torch.where(idx < 0, -idx - 1, idx)
+        idx = torch.where(idx >= n, 2 * n - idx - 1, idx).clamp(0, n - 1)
+        return x.index_select(dim, idx)
+    left = x.narrow(dim, 0, r).flip(dim)
+    right = x.narrow(dim, n - r, r).flip(dim)
+    return torch.cat([left, x, right], dim=dim)
+
+
+def gaussian_filter(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter of a 3D volume (separable, reflect at the faces)."""
+    r = int(truncate * float(sigma) + 0.5)
+    t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float64)
+    k = torch.exp(-0.5 / float(sigma) ** 2 * t * t)
+    k = (k / k.sum()).to(x.dtype)
+    out = x
+    for dim in range(3):
+        padded = _reflect_pad(out, r, dim)
+        shape = [1, 1, 1]
+        shape[dim] = 2 * r + 1
+        out = F.conv3d(padded[None, None], k.view(1, 1, *shape))[0, 0]
+    return out
+
+
+def median3(x: torch.Tensor) -> torch.Tensor:
+    """3×3×3 median (scipy ``median_filter(size=3)``: reflect at the faces)."""
+    p = x
+    for dim in range(3):
+        p = _reflect_pad(p, 1, dim)
+    patches = p.unfold(0, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)
+    return patches.reshape(*x.shape, 27).median(dim=-1).values
+
+
+def erode(mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    """scipy ``binary_erosion`` with the 6-neighbour cross, ``iterations`` times (outside
+    the volume counts as background)."""
+    m = mask.bool()
+    for _ in range(iterations):
+        p = F.pad(m[None, None].float(), (1, 1, 1, 1, 1, 1))[0, 0] > 0
+        c = p[1:-1, 1:-1, 1:-1]
+        m = (c & p[:-2, 1:-1, 1:-1] & p[2:, 1:-1, 1:-1] & p[1:-1, :-2, 1:-1]
+             & p[1:-1, 2:, 1:-1] & p[1:-1, 1:-1, :-2] & p[1:-1, 1:-1, 2:])
+    return m
+
+
+def _median(v: torch.Tensor) -> torch.Tensor:
+    """numpy's median (the mean of the two middle values for an even count)."""
+    s = v.sort().values
+    n = s.numel()
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
+            normative: NormativeMaps, scan_spread: list[float] | None) -> torch.Tensor:
+    """:func:`.statmap.statmap_from_residual` of ``volume - recon`` (C, X, Y, Z)."""
+    mean = torch.as_tensor(normative.mean, device=volume.device)
+    sd = torch.as_tensor(normative.sd, device=volume.device)
+    z = (volume - recon - mean) / sd
+    if scan_spread is not None:
+        ref = torch.as_tensor(np.asarray(scan_spread, np.float64), device=volume.device)
+        for c in range(z.shape[0]):
+            vals = z[c][brain]
+            med = _median(vals)
+            mad = 1.4826 * _median((vals - med).abs())
+            spread = torch.clamp(mad, min=1e-6).double()
+            scale = torch.clamp(spread / ref[c], min=1.0).float()
+            z[c] = (z[c] - med) / scale
+    return z.abs().mean(dim=0) * brain
+
+
+def postprocess(raw: torch.Tensor, brain: torch.Tensor, params: ScoringParams
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.statmap.postprocess`: median filter, masked smoothing, kept inside the eroded
+    brain; returns (map, eroded mask)."""
+    eroded = erode(brain, params.erosion) if params.erosion > 0 else brain.bool()
+    out = raw.float()
+    if params.median_size == 3:
+        out = median3(out)
+    elif params.median_size > 1:
+        raise ValueError(f"median_size {params.median_size}: only 3 is implemented on the GPU")
+    if params.smooth_sigma > 0:
+        w = eroded.float()
+        num = gaussian_filter(out * w, params.smooth_sigma)
+        den = gaussian_filter(w, params.smooth_sigma)
+        out = torch.where(eroded, num / den.clamp(min=1e-6), torch.zeros_like(out))
+    return out * eroded, eroded
+
+
+def scan_score(statmap: torch.Tensor, eroded: torch.Tensor, top_fraction: float) -> float:
+    """:func:`.statmap.scan_score`: the mean of the top ``top_fraction`` in the brain."""
+    vals = statmap[eroded]
+    if vals.numel() == 0:
+        return float("nan")
+    k = max(1, int(round(top_fraction * vals.numel())))
+    return float(vals.topk(k).values.double().mean())
