@@ -119,7 +119,10 @@ def run_options(f):
                      help="Processes nipype may run at once (default: all available cores)."),
         click.option("--omp-nthreads", "--omp_nthreads", "omp_nthreads", type=click.IntRange(0),
                      default=0, show_default=True,
-                     help="Threads per process (torch, ITK); 0 picks for you."),
+                     help="Threads per node (deepbet and model inference/training; ANTs "
+                          "and N4 always run on one, so results never depend on it). 0: the "
+                          "cores shared out between the scans that run at once (one "
+                          "participant gets them all)."),
         click.option("--mem", "--mem-gb", "--mem_gb", "mem", callback=_parse_mem,
                      help="Memory limit for scheduling, e.g. 8GB."),
         click.option("--device", default="auto", show_default=True, callback=_device,
