@@ -72,3 +72,31 @@ def test_a_scan_preprocessed_alone_is_preprocessed_as_in_a_batch(tmp_path):
         a = np.asarray(nb.load(outs[1] / name).dataobj)
         b = np.asarray(nb.load(outs[2] / name).dataobj)
         assert np.array_equal(a, b), name
+
+
+def test_thread_count_does_not_invalidate_the_work_directory(tmp_path):
+    """A scan preprocessed and scored in a batch (1 thread) is reused when it is run alone
+    (every core): the thread count is not part of the nodes' hashes; the device is."""
+    from nipype import Node
+
+    from bids_anomaly.workflows.interfaces import Preprocess, Score
+
+    t1w = tmp_path / "t1.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), t1w)
+
+    def pre(threads, device="cpu"):
+        n = Node(Preprocess(), name="p")
+        n.inputs.t1w, n.inputs.config = str(t1w), {"resolution": 2}
+        n.inputs.threads, n.inputs.device = threads, device
+        n.inputs.use_gpu = device.startswith("cuda")
+        return n.inputs.get_hashval()[1]
+
+    assert pre(1) == pre(2)
+    assert pre(1) != pre(1, "cuda")
+
+    def score(threads):
+        n = Node(Score(), name="s")
+        n.inputs.preproc, n.inputs.bundle, n.inputs.threads = str(t1w), str(tmp_path), threads
+        return n.inputs.get_hashval()[1]
+
+    assert score(1) == score(2)

@@ -21,9 +21,13 @@ class _PreprocessInput(BaseInterfaceInputSpec):
     t1w = File(exists=True, mandatory=True, desc="T1w image")
     extra = traits.Dict(traits.Str, File(exists=True), desc="other contrasts: name → image")
     config = traits.Dict(mandatory=True, desc="PreprocConfig.to_dict()")
-    threads = traits.Int(1, usedefault=True)
+    # Not hashed: the outputs do not depend on it (ANTs and N4 run on one thread), so a scan
+    # preprocessed in a batch is reused when it is later run alone, and the other way round.
+    threads = traits.Int(1, usedefault=True, nohash=True)
     seed = traits.Int(0, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
+                          desc="deepbet on the GPU: tells nipype's GPU queue")
 
 
 class _PreprocessOutput(TraitedSpec):
@@ -55,7 +59,7 @@ class _ScoreInput(BaseInterfaceInputSpec):
     bundle = traits.Directory(exists=True, mandatory=True)
     bundle_sha256 = traits.Str(desc="model.json checksum, so a new bundle re-scores")
     device = traits.Str("cpu", usedefault=True)
-    threads = traits.Int(1, usedefault=True)
+    threads = traits.Int(1, usedefault=True, nohash=True)  # as Preprocess's
     use_gpu = traits.Bool(False, usedefault=True, desc="tells nipype's GPU queue")
 
 

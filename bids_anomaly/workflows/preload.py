@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import importlib
 
+from ..preprocessing.registration import _single_threaded
+
+# Before antspyx is imported: ITK reads its thread count once per process, and ANTs must run
+# on one thread in every worker forked from here (registration.py says why).
+_single_threaded()
+
 MODULES = (
     "numpy", "scipy.ndimage", "nibabel", "torch", "SimpleITK", "ants", "deepbet.bet",
     "monai.networks.nets", "safetensors.torch", "nipype.pipeline.engine",

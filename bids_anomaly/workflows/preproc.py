@@ -30,6 +30,7 @@ def init_preproc_wf(scans: list[ScanInput], preproc: PreprocConfig, work_dir: Pa
         node.inputs.threads = threads
         node.inputs.seed = seed
         node.inputs.device = "cpu" if device == "cpu" else device
+        node.inputs.use_gpu = device.startswith("cuda")
         wf.add_nodes([node])
         nodes[scan.key.scan_id] = node
     return wf, nodes
