@@ -96,6 +96,14 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     "dae+ctx1+bias3+smooth2": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3},
                                {"smooth_sigma": 2.0}),
     "zscore+smooth15": ("zscore", {}, {"smooth_sigma": 1.5}),
+    # The default's inference noise (what the draws put on the scan) weaker and stronger.
+    "dae+ctx1+bias3+inoise07": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                                        "infer_noise": 0.7}, {"smooth_sigma": 1.0}),
+    "dae+ctx1+bias3+inoise15": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                                        "infer_noise": 1.5}, {"smooth_sigma": 1.0}),
+    # The default trained with stronger coarse noise (std 0.8 instead of 0.5).
+    "dae+ctx1+bias3+noise08": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                                       "noise_std": 0.8}, {"smooth_sigma": 1.0}),
     # The default trained to restore synthetic anomalies (half the slices get one).
     "dae+ctx1+bias3+anomalies": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                          "anomaly_p": 0.5}, {"smooth_sigma": 1.0}),

@@ -29,6 +29,10 @@ from pathlib import Path
 
 from _common import DATA, peak_rss_mb, print_table
 
+# Children run as this process does: ``PYTHONPATH=<other checkout>:<site-packages> python -S
+# benchmarks/training.py`` times another version (-S: no editable install shadows it).
+PYTHON = [sys.executable, *(["-S"] if sys.flags.no_site else [])]
+
 IXI = DATA / "ixi-t1"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "bids-anomaly-bench-training"
 
@@ -135,7 +139,7 @@ def one_model(model: str, epochs: int, threads: int, cache: Path) -> dict:
 
 def score_fresh(bundle: str, preproc_json: Path, threads: int) -> dict:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", SCORE, bundle, str(preproc_json), str(threads)],
+    proc = subprocess.run([*PYTHON, "-c", SCORE, bundle, str(preproc_json), str(threads)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -176,7 +180,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         print(f"== {model}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", model, "--epochs",
+        proc = subprocess.run([*PYTHON, __file__, "--one", model, "--epochs",
                                str(args.epochs), "--threads", str(args.threads),
                                "--cache", str(args.cache)], capture_output=True, text=True)
         sys.stdout.write(proc.stderr[-3000:] if proc.returncode else "")
@@ -201,10 +205,11 @@ def main() -> None:
 
 def full(model: str, threads: int) -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-train-full-"))
-    cmd = ["bids-anomaly", "train", str(IXI), str(out / "out"), "--model-type", model,
+    cmd = [*PYTHON, "-m", "bids_anomaly.cli.main", "train", str(IXI), str(out / "out"),
+           "--model-type", model,
            "-w", str(out / "work"), "--nprocs", str(threads)]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)  # not a checkout
     wall = time.perf_counter() - t
     print(f"\nfull `bids-anomaly train` ({model}, {threads} cores): {wall / 60:.1f} min, "
           f"exit {proc.returncode} (acceptance: ≤ 20 min); output in {out}")
