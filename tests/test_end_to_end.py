@@ -101,6 +101,15 @@ def test_every_step_succeeds(pipeline):
         assert r.returncode == 0, f"{name}: {r.stdout}\n{r.stderr}"
 
 
+def test_console_is_quiet_without_verbose(pipeline):
+    """nipype's per-node INFO lines (from the main process or its workers) stay in the log
+    unless -v is given: the console shows the progress steps and the summary."""
+    for name, r in pipeline["runs"].items():
+        chatter = [ln for ln in (r.stdout + r.stderr).splitlines() if "nipype." in ln
+                   and " INFO" in ln]
+        assert not chatter, f"{name}: {chatter[:3]}"
+
+
 def test_input_dataset_untouched(pipeline):
     assert tree_hash(pipeline["cohort"].root, exclude=pipeline["out"]) == pipeline["before"]
 

@@ -32,11 +32,11 @@ def test_worker_preload_names_real_modules():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_worker_server_only_for_multiproc_forkserver():
+def test_worker_server_only_for_multiproc_forkserver(tmp_path):
     from bids_anomaly.workflows.workers import start_worker_server
 
-    assert not start_worker_server(ResourceConfig(plugin="Linear"))
-    assert not start_worker_server(ResourceConfig(plugin_args={"mp_context": "spawn"}))
+    assert not start_worker_server(ResourceConfig(plugin="Linear"), tmp_path)
+    assert not start_worker_server(ResourceConfig(plugin_args={"mp_context": "spawn"}), tmp_path)
 
 
 _PREPROCESS = """

@@ -211,7 +211,8 @@ def start_bundle_run(cfg: RunConfig, model: str):
 
     t0 = time.perf_counter()
     crash_dir = setup_run(cfg)
-    start_worker_server(cfg.resources)  # its imports overlap the bundle check and discovery
+    # The workers' imports overlap the bundle check and discovery below.
+    start_worker_server(cfg.resources, cfg.work_dir)
     device = run_device(cfg)
     bundle = load_bundle(resolve_model(model, cfg.output_dir))
     cfg = _as_bundle_preprocesses(cfg, bundle)

@@ -33,7 +33,7 @@ def run_train(cfg: RunConfig, tcfg: TrainConfig) -> RunSummary:
     """Preprocess the healthy cohort (fan-out), then fit and calibrate one model bundle."""
     t0 = time.perf_counter()
     crash_dir = setup_run(cfg)
-    start_worker_server(cfg.resources)
+    start_worker_server(cfg.resources, cfg.work_dir)
     device = run_device(cfg)
     scans = discover(cfg)
     subjects = sorted({s.key.subject for s in scans})

@@ -122,22 +122,34 @@ def plugin_args(resources: ResourceConfig) -> tuple[str, dict]:
     return resources.plugin, args
 
 
+_NIPYPE_LOGGERS = ("workflow_level", "interface_level", "utils_level")
+
+
+def _nipype_level() -> str:
+    return "INFO" if LOG.getEffectiveLevel() <= logging.DEBUG else "WARNING"
+
+
+def worker_config(base_dir: Path | str) -> None:
+    """Write ``base_dir/.nipype/nipype.cfg`` and point ``NIPYPE_CONFIG_DIR`` at it: worker
+    processes read their logging levels from there when they import nipype, so this must
+    happen before the worker server starts (:mod:`.workers`)."""
+    level = _nipype_level()
+    cfg_dir = Path(base_dir) / ".nipype"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "nipype.cfg").write_text(
+        "[logging]\n" + "".join(f"{k} = {level}\n" for k in _NIPYPE_LOGGERS)
+        + "[execution]\npoll_sleep_duration = 0.01\n[monitoring]\nenabled = false\n")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+
+
 def _setup_logging(wf: Workflow) -> None:
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    level = "INFO" if LOG.getEffectiveLevel() <= logging.DEBUG else "WARNING"
-    for key in ("workflow_level", "interface_level", "utils_level"):
-        nipype_config.set("logging", key, level)
+    for key in _NIPYPE_LOGGERS:
+        nipype_config.set("logging", key, _nipype_level())
     nipype_logging.update_logging(nipype_config)
-    # Worker processes read their logging levels from NIPYPE_CONFIG_DIR/nipype.cfg.
-    cfg_dir = Path(wf.base_dir) / ".nipype"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    (cfg_dir / "nipype.cfg").write_text(
-        "[logging]\n" + "".join(f"{k} = {level}\n" for k in
-                                 ("workflow_level", "interface_level", "utils_level"))
-        + "[execution]\npoll_sleep_duration = 0.01\n[monitoring]\nenabled = false\n")
-    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+    worker_config(wf.base_dir)
 
 
 def node_dirs(wf: Workflow) -> dict[str, Path]:

@@ -15,22 +15,27 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+from pathlib import Path
 
 from ..core.config import ResourceConfig
+from .base import worker_config
 
 PRELOAD = "bids_anomaly.workflows.preload"
 
 
-def start_worker_server(resources: ResourceConfig) -> bool:
+def start_worker_server(resources: ResourceConfig, work_dir: Path) -> bool:
     """Start the forkserver nipype's MultiProc will fork its workers from, preloading
     :mod:`.preload`; returns False (nothing started) for other plugins or contexts.
 
+    The server keeps the environment it starts with, so the workers' nipype configuration
+    (logging levels; :func:`.base.worker_config`, in ``work_dir``) is written first.
     Non-blocking: the server imports in the background; the first worker waits for it."""
     context = resources.plugin_args.get("mp_context", "forkserver")
     if resources.plugin != "MultiProc" or context != "forkserver":
         return False
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return False
+    worker_config(work_dir)
     multiprocessing.set_forkserver_preload(["__main__", PRELOAD])
     multiprocessing.forkserver.ensure_running()
     return True
