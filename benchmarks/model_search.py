@@ -104,6 +104,11 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # The default trained with stronger coarse noise (std 0.8 instead of 0.5).
     "dae+ctx1+bias3+noise08": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                        "noise_std": 0.8}, {"smooth_sigma": 1.0}),
+    # A 5x5x5 median instead of 3x3x3 (thin bright or dark lines, such as enhancing vessels
+    # and sulci, vanish; blobs stay), for the default and for zscore.
+    "dae+ctx1+bias3+median5": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3},
+                               {"smooth_sigma": 1.0, "median_size": 5}),
+    "zscore+median5": ("zscore", {}, {"smooth_sigma": 1.0, "median_size": 5}),
     # The default trained to restore synthetic anomalies (half the slices get one).
     "dae+ctx1+bias3+anomalies": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                          "anomaly_p": 0.5}, {"smooth_sigma": 1.0}),
