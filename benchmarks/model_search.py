@@ -112,6 +112,10 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # The default trained to restore synthetic anomalies (half the slices get one).
     "dae+ctx1+bias3+anomalies": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                          "anomaly_p": 0.5}, {"smooth_sigma": 1.0}),
+    # The default trained with local expansions/contractions and a gentle elastic field
+    # (ventricle and sulcus size, displaced anatomy: what an affine registration leaves).
+    "dae+ctx1+bias3+warp4": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                                     "aug_warp": 0.4}, {"smooth_sigma": 1.0}),
 }
 
 

@@ -15,6 +15,7 @@ from bids_anomaly.models.augment import (
     bias_field,
     flip_shift,
     intensity_gamma,
+    local_warp,
 )
 from bids_anomaly.models.base import FitContext
 from bids_anomaly.models.bundle import load_bundle, save_bundle
@@ -76,6 +77,38 @@ def test_affine_identity_at_zero_and_same_for_mask():
     assert torch.allclose(xo, x, atol=1e-4) and torch.equal(mo, m)
     xo, mo = affine(m.clone(), m, 5.0, torch.Generator().manual_seed(0))
     assert ((xo > 0.5).float() - mo).abs().mean() < 0.02  # image and mask moved together
+
+
+def _ventricle_batch(n=8):
+    """Brains with a dark central ventricle (2 channels, as a 2.5D stack)."""
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(56.0), indexing="ij")
+    brain = (((yy - 24) / 20) ** 2 + ((xx - 28) / 24) ** 2 < 1).float()
+    vent = (((yy - 24) / 4) ** 2 + ((xx - 28) / 8) ** 2 < 1).float()
+    x = (brain * 0.8 - vent * 0.6).expand(n, 2, 48, 56).clone()
+    return x, brain.expand(n, 1, 48, 56).clone(), vent
+
+
+def test_local_warp_changes_anatomy_size_and_moves_mask_with_image():
+    """aug_warp: ventricles grow and shrink from slice to slice (what ageing and displaced
+    anatomy do), image and mask stay together, channels of a 2.5D stack move as one."""
+    x, m, vent = _ventricle_batch()
+    xo, mo = local_warp(x, m, 0.4, torch.Generator().manual_seed(0))
+    assert xo.shape == x.shape and set(mo.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(xo[:, 0], xo[:, 1])
+    dark = ((xo[:, 0] < 0.5) & (mo[:, 0] > 0)).flatten(1).sum(1).float()
+    base = float(vent.sum())
+    assert float(dark.max()) > 1.15 * base and float(dark.max() - dark.min()) > 0.2 * base
+    # the image's brain follows the mask's brain (up to the interpolated rim)
+    assert ((xo[:, :1] > 0.05).float() - mo).abs().mean() < 0.05
+    again = local_warp(x, m, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], xo) and torch.equal(again[1], mo)  # resumable: seeded
+
+
+def test_warp_is_off_unless_asked_for():
+    x, m, _ = _ventricle_batch(2)
+    a = augment_batch(x, m, {"shift": 0}, torch.Generator().manual_seed(0))
+    b = augment_batch(x, m, {"shift": 0, "aug_warp": 0.0}, torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0])
 
 
 def test_eta():
@@ -146,3 +179,40 @@ def test_progress_bar_only_on_a_terminal():
 
     with _progress_bar("dae") as bar:  # pytest captures stderr: not a terminal
         assert bar is None
+
+
+def test_compiled_forward_falls_back_to_eager(monkeypatch, caplog):
+    """A GPU machine without a working compiler still trains: the first failing compiled call
+    logs a warning and the network runs eagerly from then on, with the same result."""
+    from bids_anomaly.models import trainer
+
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x = torch.rand(2, 1, 8, 8)
+
+    def broken(_net):
+        def call(_inp):
+            raise RuntimeError("no triton here")
+        return call
+
+    monkeypatch.setattr(trainer.torch, "compile", broken)
+    fwd = trainer.CompiledForward(net, enabled=True)
+    assert fwd.compiled
+    with caplog.at_level(logging.WARNING, logger="bids_anomaly"):
+        out = fwd(x)
+    assert torch.equal(out, net(x)) and not fwd.compiled
+    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    assert set(net.state_dict()) == {"weight", "bias"}  # the module itself is not wrapped
+
+
+def test_cpu_training_never_compiles(monkeypatch):
+    from bids_anomaly.models import trainer
+
+    def refuse(_net):
+        raise AssertionError("torch.compile called on the CPU")
+
+    monkeypatch.setattr(trainer.torch, "compile", refuse)
+    vols, masks = tiny_volumes(3)
+    model = get_model_class("dae")(["T1w"], SHAPE, {"epochs": 1, "crop": [32, 40],
+                                                    "infer_draws": 0})
+    hist = model.fit(vols[:2], masks[:2], FitContext(val_volumes=vols[2:], val_masks=masks[2:]))
+    assert hist["compiled"] is False and hist["device"] == "cpu"

@@ -26,6 +26,15 @@ another contrast or resolution faithfully instead of calling it anomalous):
                  points displaced by up to ±aug_contrast of the range): tissue contrast changes;
 ``aug_blur``     Gaussian blur with a sigma up to aug_blur voxels, separately per axis: thick
                  slices and lower resolution.
+
+Anatomical randomisation (what differs between healthy people beyond an affine registration:
+ventricle and sulcus size with age, local shape; off by default):
+
+``aug_warp``     a smooth local expansion or contraction about a random point inside the brain
+                 (magnification up to ``1 / (1 - aug_warp)`` at its centre, fading with a
+                 Gaussian profile of a random width), plus a gentle random elastic field. The
+                 same grid moves image and mask, so an enlarged ventricle or a displaced
+                 structure is something to reconstruct, not to flag.
 """
 
 from __future__ import annotations
@@ -126,6 +135,35 @@ def gaussian_blur(x: torch.Tensor, max_sigma: float, gen: torch.Generator) -> to
     return out
 
 
+def local_warp(x: torch.Tensor, m: torch.Tensor, strength: float, gen: torch.Generator):
+    """A radial expansion (or contraction) about a random point in each slice's brain, plus a
+    smooth elastic field of up to 1.5 % of the slice (same grid for image and mask)."""
+    n, _, h, w = x.shape
+    dev = gen.device
+    # A centre drawn among the slice's brain voxels (the slice centre for an empty one).
+    flat = m.detach().float().reshape(n, -1).to(dev)
+    weights = flat + (flat.sum(1, keepdim=True) == 0).float()
+    pick = torch.multinomial(weights, 1, generator=gen).squeeze(1)
+    cy = (pick // w).float() / max(1, h - 1) * 2 - 1
+    cx = (pick % w).float() / max(1, w - 1) * 2 - 1
+    amp = _uniform(n, -strength, strength, gen)
+    width = _uniform(n, 0.15, 0.45, gen)
+    ys = torch.linspace(-1, 1, h, device=dev).view(1, h, 1)
+    xs = torch.linspace(-1, 1, w, device=dev).view(1, 1, w)
+    dy, dx = ys - cy.view(n, 1, 1), xs - cx.view(n, 1, 1)
+    g = torch.exp(-(dy**2 + dx**2) / (2 * width.view(n, 1, 1) ** 2))
+    # Sampling from c + (p - c)(1 - a·g): a > 0 magnifies about c, a < 0 shrinks.
+    gy, gx = ys - amp.view(n, 1, 1) * g * dy, xs - amp.view(n, 1, 1) * g * dx
+    ctrl = (torch.rand(n, 2, 4, 4, generator=gen, device=dev) * 2 - 1) * 0.03
+    elastic = F.interpolate(ctrl, size=(h, w), mode="bicubic", align_corners=True)
+    grid = torch.stack([gx + elastic[:, 1], gy + elastic[:, 0]], dim=-1).to(x.device)
+    xo = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
+                       align_corners=True).to(x.dtype)
+    mo = F.grid_sample(m.float(), grid, mode="nearest", padding_mode="zeros",
+                       align_corners=True).to(m.dtype)
+    return xo, mo
+
+
 def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generator):
     """All augmentations a model's hyper-parameters ask for (missing keys: off, except shift
     flips which always run). The image is re-masked so nothing leaks outside the brain."""
@@ -134,6 +172,10 @@ def augment_batch(x: torch.Tensor, m: torch.Tensor, hp: dict, gen: torch.Generat
     if deg > 0:
         x, m = affine(x, m, deg, gen)
     changed = deg > 0
+    warp = float(hp.get("aug_warp", 0.0))
+    if warp > 0:
+        x, m = local_warp(x, m, warp, gen)
+        changed = True
     for key, transform in _INTENSITY:  # in this order: the draws follow it
         strength = float(hp.get(key, 0.0))
         if strength > 0:

@@ -31,6 +31,9 @@ class FitContext:
     checkpoint: str | None = None
     resume: bool = False
     progress: Callable[[dict], None] | None = None
+    # torch.compile the network's training forward on CUDA (eager again at its first failure);
+    # never on the CPU, whose training stays bit for bit what it was.
+    compile: bool = True
 
 
 class AnomalyModel(ABC):

@@ -45,6 +45,7 @@ SLICE_DEFAULTS: dict = {
     "aug_affine": 5.0,
     "aug_contrast": 0.0,  # domain randomisation, off by default (see bids_anomaly.augment)
     "aug_blur": 0.0,
+    "aug_warp": 0.0,  # anatomical randomisation: local expansion/contraction (see augment)
     "min_brain": 0.0,
 }
 

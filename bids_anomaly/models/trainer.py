@@ -7,8 +7,9 @@ On CUDA the loop is GPU-resident: the training and validation slices are copied 
 device once, batches are gathered there, the per-epoch generator lives on the device (every
 augmentation and noise draw is made there), the loss is summed on the device and read back
 once per epoch, the best weights are kept on the device, autocast runs in bfloat16 (no
-GradScaler; float16 with one where bfloat16 is not supported), Adam is fused and cuDNN picks
-its fastest kernels. On the CPU each of these is what it was (the same draws, the same
+GradScaler; float16 with one where bfloat16 is not supported), Adam is fused, cuDNN picks
+its fastest kernels and the training forward goes through ``torch.compile`` (eager again,
+with a warning, if compiling fails). On the CPU each of these is what it was (the same draws, the same
 float64 loss sum, deterministic algorithms), so CPU training is bit-for-bit unchanged.
 
 A checkpoint carries the run's fingerprint (model, network, hyper-parameters, seed and a digest
@@ -165,6 +166,36 @@ def fingerprint_differences(saved: dict | None, current: dict) -> list[str]:
     return out
 
 
+class CompiledForward:
+    """``net``'s forward through ``torch.compile`` when ``enabled``; at the first failure
+    (no Triton, no compiler, an unsupported operation) a warning and eager calls from then on.
+
+    The module itself is never wrapped, so its ``state_dict`` keys stay those of ``net``."""
+
+    def __init__(self, net: torch.nn.Module, enabled: bool):
+        self.net = net
+        self.fn: Callable | None = None
+        if enabled:
+            try:
+                self.fn = torch.compile(net)
+            except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+                LOG.warning("torch.compile unavailable (%s); training without it", exc)
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not None
+
+    def __call__(self, inp):
+        if self.fn is not None:
+            try:
+                return self.fn(inp)
+            except Exception as exc:  # noqa: BLE001 - compile errors surface at first call
+                LOG.warning("torch.compile failed (%s: %s); training without it",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.fn = None
+        return self.net(inp)
+
+
 class TorchTrainer:
     """Fits ``net`` to map ``make_input(clean)`` back to ``clean`` (masked MSE or ``loss_fn``)."""
 
@@ -227,6 +258,7 @@ class TorchTrainer:
         fingerprint = (run_fingerprint(self.net, hp, self.model, ctx.seed, (x, m), (xv, mv))
                        if ctx.checkpoint else None)
         net = self.net.to(device)
+        forward = CompiledForward(net, cuda and ctx.compile)
         opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], fused=cuda or None)
         epochs = int(hp["epochs"])
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
@@ -269,7 +301,7 @@ class TorchTrainer:
                 xb, mb = augment_batch(xb, mb, hp, gen)
                 inp = make_input(xb, mb, gen)
                 with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=cuda):
-                    out = net(inp)
+                    out = forward(inp)
                     loss = masked_loss(out, xb, mb, loss_fn)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -311,7 +343,7 @@ class TorchTrainer:
             net.load_state_dict(best[1])
         net.cpu().eval()
         return {"history": history, "best_epoch": best[2], "best_val_loss": best[0],
-                "device": device}
+                "device": device, "compiled": forward.compiled}
 
     @torch.no_grad()
     def validate(self, xv, mv, make_input, device, loss_fn: LossFn | None = None) -> float:
