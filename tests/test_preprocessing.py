@@ -115,6 +115,62 @@ def test_n4_removes_a_smooth_bias():
     assert cv(out) < 0.5 * cv(img)
 
 
+def test_n4_through_antspyx_matches_simpleitk(monkeypatch):
+    # BIDS_ANOMALY_N4_BACKEND=antspyx (the GPU benchmark's environment has no SimpleITK):
+    # ANTs' N4 with SimpleITK's settings gives the same correction; the default stays SimpleITK
+    from bids_anomaly.preprocessing.bias import N4_BACKEND_ENV, n4_backend_from_env
+
+    inside, r = _ball()
+    rng = np.random.default_rng(1)
+    x = np.indices(inside.shape)[0].astype(np.float32)
+    img = ((np.where(r < 10, 60.0, 100.0) * (1.0 + 0.4 * (x / x.max() - 0.5)) + 1.0
+            + rng.normal(0, 1, inside.shape)) * inside).astype(np.float32)
+    ref = n4_correct(img, inside, (4.0, 4.0, 4.0), shrink=2)
+    ants_out = n4_correct(img, inside, (4.0, 4.0, 4.0), shrink=2, backend="antspyx")
+    assert np.linalg.norm(ants_out - ref) / np.linalg.norm(ref) < 1e-4
+    monkeypatch.delenv(N4_BACKEND_ENV, raising=False)
+    assert n4_backend_from_env() == "simpleitk"
+    monkeypatch.setenv(N4_BACKEND_ENV, "ANTsPyX")
+    assert n4_backend_from_env() == "antspyx"
+    monkeypatch.setenv(N4_BACKEND_ENV, "fsl")
+    with pytest.raises(ValueError, match="BIDS_ANOMALY_N4_BACKEND"):
+        n4_backend_from_env()
+    with pytest.raises(ValueError, match="unknown N4 backend"):
+        n4_correct(img, inside, (4.0, 4.0, 4.0), backend="fsl")
+
+
+def test_n4_backend_enters_the_node_hash_only_when_chosen(tmp_path, monkeypatch):
+    # the default leaves preprocessing work directories of earlier runs valid; antspyx N4
+    # re-runs the node instead of reusing SimpleITK's outputs, and the other way round
+    import json
+
+    from bids_anomaly.bids_io.discovery import ScanInput
+    from bids_anomaly.core.config import PreprocConfig
+    from bids_anomaly.core.naming import ScanKey
+    from bids_anomaly.preprocessing.bias import N4_BACKEND_ENV
+    from bids_anomaly.preprocessing.pipeline import PreprocResult
+    from bids_anomaly.workflows.preproc import init_preproc_wf
+
+    scans = [ScanInput(ScanKey("01"), {"T1w": _save(tmp_path, _head(), name="t1.nii.gz")})]
+
+    def hashed():
+        _, nodes = init_preproc_wf(scans, PreprocConfig(), tmp_path / "work", 1, 0, "cpu")
+        items, value = next(iter(nodes.values())).inputs.get_hashval(hash_method="content")
+        return [name for name, _ in items], value
+
+    monkeypatch.delenv(N4_BACKEND_ENV, raising=False)
+    names, default = hashed()
+    assert "n4_backend" not in names
+    monkeypatch.setenv(N4_BACKEND_ENV, "antspyx")
+    names, chosen = hashed()
+    assert "n4_backend" in names and chosen != default
+    # a preproc.json written before the backend was recorded was SimpleITK's
+    old = {"native_ref": "a", "native_brain_mask": "b", "xfm": "c", "template_brain_mask": "d",
+           "template_images": {}, "brain_extraction": "deepbet", "brain_volume_ml": 1.0}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert PreprocResult.load(tmp_path / "old.json").n4_backend == "simpleitk"
+
+
 def test_normalisation_is_invariant_to_affine_rescaling():
     inside, r = _ball()
     rng = np.random.default_rng(0)

@@ -142,6 +142,26 @@ def test_cohort_is_deterministic_and_subjects_independent(
     assert h1.shape != h2.shape or not np.array_equal(h1, h2)
 
 
+def test_cohort_in_worker_processes_is_the_same(cohort: SynthCohort, tmp_path: Path) -> None:
+    # generate_cohort(workers=N) (the GPU cohort benchmark's 50 participants): same subjects,
+    # same table, same order of progress messages as one process
+    seen: list[str] = []
+    par = generate_cohort(tmp_path / "par", replace(FAST, contrasts=ALL_CONTRASTS),
+                          progress=seen.append, workers=2)
+    assert seen == ["sub-h01", "sub-h02", "sub-t01", "sub-p01", "sub-p02"]
+    assert ((par.root / "participants.tsv").read_text()
+            == (cohort.root / "participants.tsv").read_text())
+    for label in ["h01", "h02", "t01", "p01", "p02"]:
+        for contrast in ALL_CONTRASTS:
+            a = _anat(cohort.root, label, f"{contrast}.nii.gz")
+            b = _anat(par.root, label, f"{contrast}.nii.gz")
+            assert np.array_equal(_data(a), _data(b))
+            assert np.array_equal(nb.load(a).affine, nb.load(b).affine)
+    for label in ["p01", "p02"]:
+        assert np.array_equal(_data(_anat(cohort.labels_dir, label, "label-lesion_mask.nii.gz")),
+                              _data(_anat(par.labels_dir, label, "label-lesion_mask.nii.gz")))
+
+
 def test_synth_subject_seed_controls_output() -> None:
     template = load_template(2)
     one = synth_subject(template, np.random.default_rng(3), FAST, lesions=True)

@@ -111,7 +111,8 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
             "reference_scans": reference_scans(bundle.card),
         },
         "preprocessing": {"brain_extraction": pre.brain_extraction,
-                          "brain_volume_ml": pre.brain_volume_ml, "timings": pre.timings},
+                          "brain_volume_ml": pre.brain_volume_ml, "timings": pre.timings,
+                          "n4_backend": pre.n4_backend},
         "timings": timings,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

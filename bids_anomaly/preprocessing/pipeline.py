@@ -34,6 +34,9 @@ class PreprocResult:
     brain_extraction: str
     brain_volume_ml: float
     timings: dict[str, float] = field(default_factory=dict)
+    # bias.py: "simpleitk" unless BIDS_ANOMALY_N4_BACKEND chose antspyx; "none" without N4.
+    # A preproc.json written before this field existed was SimpleITK's.
+    n4_backend: str = "simpleitk"
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -72,8 +75,11 @@ def preprocess_scan(
     threads: int = 1,
     seed: int = 0,
     device: str = "cpu",
+    n4_backend: str = "simpleitk",
 ) -> PreprocResult:
-    """Preprocess one scan into ``out_dir``; ``files`` maps contrast → path, T1w required."""
+    """Preprocess one scan into ``out_dir``; ``files`` maps contrast → path, T1w required.
+
+    ``n4_backend``: ``simpleitk`` (the product's N4) or ``antspyx`` (bias.py)."""
     import torch
 
     # The node's cores go to deepbet (torch). N4 and ANTs run on one: N4's result changes
@@ -104,7 +110,8 @@ def preprocess_scan(
 
     t = time.perf_counter()
     if config.n4:
-        data = n4_correct(data, mask, zooms, shrink=config.n4_shrink, threads=1)
+        data = n4_correct(data, mask, zooms, shrink=config.n4_shrink, threads=1,
+                          backend=n4_backend)
     timings["n4"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -143,6 +150,7 @@ def preprocess_scan(
         brain_extraction=method,
         brain_volume_ml=float(mask.sum() * np.prod(zooms) / 1000.0),
         timings=timings,
+        n4_backend=n4_backend if config.n4 else "none",
     )
     result.save(out_dir / "preproc.json")
     return result

@@ -113,40 +113,64 @@ def _write_subject(
                         "NumberOfLesions": len(subject.lesions)})
 
 
+def _make_subject(root: Path, labels_dir: Path, config: SynthConfig, prefix: str, k: int,
+                  label: str, group: str, split: str) -> dict[str, object]:
+    """Synthesise and write subject ``<prefix><k>``; its participants.tsv row."""
+    seq = np.random.SeedSequence(config.seed, spawn_key=(GROUP_CODES[prefix], k))
+    demo_seq, synth_seq = seq.spawn(2)
+    demo = np.random.default_rng(demo_seq)
+    age = int(demo.integers(20, 81))
+    sex = "F" if demo.random() < 0.5 else "M"
+    subject = synth_subject(load_template(config.template_resolution),
+                            np.random.default_rng(synth_seq), config,
+                            lesions=group == "patient")
+    _write_subject(root, labels_dir, label, subject, config.n_sessions,
+                   lesion_labels=split == "test")
+    return {"participant_id": f"sub-{label}", "group": group, "split": split,
+            "age": age, "sex": sex}
+
+
 def generate_cohort(
     root: Path,
     config: SynthConfig = SynthConfig(),
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> SynthCohort:
     """Write a synthetic BIDS dataset to ``root`` and its labels to ``root/derivatives/lesions``.
 
     Subject ``<group><k>`` depends only on ``config.seed``, its label and the image settings,
-    not on how many other subjects are generated.
+    not on how many other subjects are generated. ``workers`` > 1 makes the subjects in that
+    many processes (spawned, so a caller with live torch or OpenMP threads is safe); the
+    files are the same as with one.
     """
     root = Path(root)
     labels_dir = root / "derivatives" / "lesions"
-    template = load_template(config.template_resolution)
+    load_template(config.template_resolution)  # fails here, before any worker starts
     groups = [
         ("h", _labels("h", config.n_healthy), "control", "train"),
         ("t", _labels("t", config.n_healthy_test), "control", "test"),
         ("p", _labels("p", config.n_patients), "patient", "test"),
     ]
+    jobs = [(prefix, k, label, group, split) for prefix, labels, group, split in groups
+            for k, label in enumerate(labels)]
     rows: list[dict[str, object]] = []
-    for prefix, labels, group, split in groups:
-        for k, label in enumerate(labels):
-            seq = np.random.SeedSequence(config.seed, spawn_key=(GROUP_CODES[prefix], k))
-            demo_seq, synth_seq = seq.spawn(2)
-            demo = np.random.default_rng(demo_seq)
-            age = int(demo.integers(20, 81))
-            sex = "F" if demo.random() < 0.5 else "M"
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_make_subject, root, labels_dir, config, *job)
+                       for job in jobs]
+            for job, future in zip(jobs, futures):
+                rows.append(future.result())
+                if progress is not None:
+                    progress(f"sub-{job[2]}")
+    else:
+        for job in jobs:
             if progress is not None:
-                progress(f"sub-{label}")
-            subject = synth_subject(template, np.random.default_rng(synth_seq), config,
-                                    lesions=group == "patient")
-            _write_subject(root, labels_dir, label, subject, config.n_sessions,
-                           lesion_labels=split == "test")
-            rows.append({"participant_id": f"sub-{label}", "group": group, "split": split,
-                         "age": age, "sex": sex})
+                progress(f"sub-{job[2]}")
+            rows.append(_make_subject(root, labels_dir, config, *job))
     _write_dataset_files(root, rows)
     _write_labels_description(labels_dir)
     return SynthCohort(root, labels_dir, groups[0][1], groups[1][1], groups[2][1])

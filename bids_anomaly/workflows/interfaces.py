@@ -11,6 +11,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -28,6 +29,9 @@ class _PreprocessInput(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True)
     use_gpu = traits.Bool(False, usedefault=True, nohash=True,
                           desc="deepbet on the GPU: tells nipype's GPU queue")
+    # Left undefined for the default (SimpleITK): an undefined input is not hashed, so work
+    # directories of earlier runs stay valid; set, it re-runs the node (bias.py).
+    n4_backend = traits.Enum("simpleitk", "antspyx", desc="N4 implementation (bias.py)")
 
 
 class _PreprocessOutput(TraitedSpec):
@@ -49,7 +53,9 @@ class Preprocess(SimpleInterface):
             preprocess_scan(files, Path(runtime.cwd),
                             PreprocConfig.from_dict(self.inputs.config),
                             threads=self.inputs.threads, seed=self.inputs.seed,
-                            device=self.inputs.device)
+                            device=self.inputs.device,
+                            n4_backend=(self.inputs.n4_backend
+                                        if isdefined(self.inputs.n4_backend) else "simpleitk"))
         self._results["result"] = os.path.join(runtime.cwd, "preproc.json")
         return runtime
 

@@ -8,7 +8,8 @@ from nipype import Node, Workflow
 
 from ..bids_io.discovery import ScanInput
 from ..core.config import PreprocConfig
-from .base import node_name
+from ..preprocessing.bias import N4_BACKEND_ENV, n4_backend_from_env
+from .base import LOG, node_name
 from .interfaces import Preprocess
 
 
@@ -18,7 +19,15 @@ def init_preproc_wf(scans: list[ScanInput], preproc: PreprocConfig, work_dir: Pa
     """The preprocessing workflow and its node per scan id (the result: ``preproc.json``).
 
     One workflow name for every command, so a scan preprocessed once is reused from
-    ``WORK_DIR/preproc_wf/preproc_<scan id>/`` by the next run with the same recipe."""
+    ``WORK_DIR/preproc_wf/preproc_<scan id>/`` by the next run with the same recipe.
+
+    N4 is SimpleITK's unless ``BIDS_ANOMALY_N4_BACKEND=antspyx`` (preprocessing/bias.py)."""
+    n4_backend = n4_backend_from_env()
+    if n4_backend != "simpleitk" and preproc.n4 and scans:
+        LOG.warning(
+            "N4 runs through %s (%s=%s), not SimpleITK: close to, but not the same bytes as, "
+            "the default; recorded in each scan's preprocessing record", n4_backend,
+            N4_BACKEND_ENV, n4_backend)
     wf = Workflow(name=name, base_dir=str(work_dir))
     nodes = {}
     for scan in scans:
@@ -31,6 +40,8 @@ def init_preproc_wf(scans: list[ScanInput], preproc: PreprocConfig, work_dir: Pa
         node.inputs.seed = seed
         node.inputs.device = "cpu" if device == "cpu" else device
         node.inputs.use_gpu = device.startswith("cuda")
+        if n4_backend != "simpleitk":
+            node.inputs.n4_backend = n4_backend
         wf.add_nodes([node])
         nodes[scan.key.scan_id] = node
     return wf, nodes
