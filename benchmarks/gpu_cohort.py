@@ -18,7 +18,7 @@ step, so a run cut short still leaves what it measured):
    is scoring throughput, not quality (preprocessing of the training set included);
 4. the participant level through the CLI in a new process, as a user runs it:
    ``bids-anomaly BIDS OUT participant --model OUT/models/dae --participant-label ...
-   --device cuda --nprocs 16 --plugin-args '{"n_gpu_procs": 16}'`` with a fresh work dir:
+   --device cuda --nprocs 16`` with a fresh work dir:
    wall time of the process, participants per minute, the wall time of its phases (read from
    the run's log, ``OUTPUT_DIR/logs/run-*-<pid>.log``: start-up = interpreter, imports, bundle
    check and dataset indexing; preprocessing; scoring = reconstruction, statmap and the
@@ -32,11 +32,11 @@ Each CLI process's output goes to ``gpu_cohort_{train,participant,group}.log`` b
 Peak GPU memory and mean utilisation per step are sampled with ``nvidia-smi`` (all
 processes), host memory and CPU seconds of the whole process tree from /proc.
 
-``--n-gpu-procs``: nipype's MultiProc runs a node that uses the GPU only in a free "GPU slot",
-and gives one slot per visible GPU unless told otherwise, so on one GPU the participant level
-would preprocess and score one scan at a time. The benchmark passes ``n_gpu_procs`` (default:
-``--nprocs``) through ``--plugin-args``, as a user has to today; ``--n-gpu-procs 0`` measures
-nipype's default.
+``--n-gpu-procs``: nipype's MultiProc runs a node that uses the GPU only in a free "GPU slot"
+and by itself gives one slot per visible GPU, so on one GPU the participant level would
+preprocess and score one scan at a time. The product sets ``n_gpu_procs`` itself (one slot per
+process while the card has 2 GiB for each: ``workflows/base.gpu_slots``); ``--n-gpu-procs K``
+passes K through ``--plugin-args`` instead (``--n-gpu-procs 1``: nipype's own default).
 
 Acceptance (the GPU issue): 50 participants scored end to end at >= 60 participants per
 minute on 16 cores and one H100/H200; the summary says whether this run met it.
@@ -400,8 +400,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda[:N]")
     p.add_argument("--nprocs", type=int, default=cores, help=f"CLI --nprocs (default {cores})")
     p.add_argument("--n-gpu-procs", type=int, default=-1,
-                   help="nipype GPU slots (plugin-args n_gpu_procs; default: --nprocs; "
-                        "0: nipype's default, one per GPU)")
+                   help="nipype GPU slots through --plugin-args n_gpu_procs (default: the "
+                        "product's own choice; 1: nipype's default on one GPU)")
     p.add_argument("--omp-nthreads", type=int, default=0, help="CLI --omp-nthreads (0: unset)")
     p.add_argument("--model-type", default="dae", help="model to train and score (default dae)")
     p.add_argument("--bundle", type=Path,
@@ -451,11 +451,11 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script
     if device.startswith("cuda") and not env["cuda_available"]:
         print(f"ERROR: --device {device} but torch sees no CUDA device")
         return 2
-    gpu_procs = args.nprocs if args.n_gpu_procs < 0 else args.n_gpu_procs
+    gpu_procs = None if args.n_gpu_procs < 0 else args.n_gpu_procs
     run_opts = ["--device", device, "--nprocs", args.nprocs, "--seed", args.seed]
     if args.omp_nthreads:
         run_opts += ["--omp-nthreads", args.omp_nthreads]
-    if device.startswith("cuda") and gpu_procs > 0:
+    if device.startswith("cuda") and gpu_procs is not None:
         run_opts += ["--plugin-args", json.dumps({"n_gpu_procs": gpu_procs})]
 
     root = args.root or Path(tempfile.mkdtemp(prefix="ba-gpu-cohort-"))
@@ -464,7 +464,8 @@ def main(argv=None) -> int:  # noqa: C901 - one linear script
     results: dict = {"args": {k: (str(v) if isinstance(v, Path) else v)
                               for k, v in vars(args).items()},
                      "env": env, "device": device,
-                     "n_gpu_procs": gpu_procs if device.startswith("cuda") else None,
+                     "n_gpu_procs": (("auto" if gpu_procs is None else gpu_procs)
+                                     if device.startswith("cuda") else None),
                      "steps": {}, "root": str(root)}
     sampler = GpuSampler()
     sampler.start()
@@ -586,7 +587,7 @@ def summarise(results: dict, args) -> None:
     env, steps = results["env"], results["steps"]
     where = env.get("gpu", "no GPU") if results["device"].startswith("cuda") else "CPU"
     gpu_slots = ("n/a" if results["n_gpu_procs"] is None
-                 else results["n_gpu_procs"] or "nipype's default (1 per GPU)")
+                 else results["n_gpu_procs"])
     print(f"\n== summary: {results['device']} ({where}), {env['cpus']} CPUs, --nprocs "
           f"{args.nprocs}, GPU slots {gpu_slots}, N4 "
           f"{env['n4_backend']}, template {env['template']}; "

@@ -100,3 +100,27 @@ def test_thread_count_does_not_invalidate_the_work_directory(tmp_path):
         return n.inputs.get_hashval()[1]
 
     assert score(1) == score(2)
+
+
+def test_participants_share_one_gpu(monkeypatch):
+    """On a one-GPU machine MultiProc runs as many GPU nodes at once as the card has room
+    for (nipype alone would run one), never more than the processes; a user's
+    --plugin-args n_gpu_procs wins; nothing is set off CUDA."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bids_anomaly.workflows import base
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    assert base.plugin_args(ResourceConfig(nprocs=16, device="cuda"))[1]["n_gpu_procs"] == 16
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(total_memory=8 * 2**30))
+    assert base.plugin_args(ResourceConfig(nprocs=16, device="auto"))[1]["n_gpu_procs"] == 4
+    own = ResourceConfig(nprocs=16, device="cuda", plugin_args={"n_gpu_procs": 2})
+    assert base.plugin_args(own)[1]["n_gpu_procs"] == 2
+    assert "n_gpu_procs" not in base.plugin_args(ResourceConfig(nprocs=16, device="cpu"))[1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "n_gpu_procs" not in base.plugin_args(ResourceConfig(nprocs=16, device="auto"))[1]

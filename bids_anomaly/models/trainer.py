@@ -9,8 +9,8 @@ augmentation and noise draw is made there), the loss is summed on the device and
 once per epoch, the best weights are kept on the device, autocast runs in bfloat16 (no
 GradScaler; float16 with one where bfloat16 is not supported), Adam is fused, cuDNN picks
 its fastest kernels and the training forward goes through ``torch.compile`` (eager again,
-with a warning, if compiling fails). On the CPU each of these is what it was (the same draws, the same
-float64 loss sum, deterministic algorithms), so CPU training is bit-for-bit unchanged.
+with a warning, if compiling fails). On the CPU each of these is what it was (the same draws,
+the same float64 loss sum, deterministic algorithms), so CPU training is bit-for-bit unchanged.
 
 A checkpoint carries the run's fingerprint (model, network, hyper-parameters, seed and a digest
 of the training and validation tensors); ``resume`` refuses one whose fingerprint differs.

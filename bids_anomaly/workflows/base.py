@@ -111,10 +111,32 @@ def configure(wf: Workflow, crash_dir: Path) -> None:
     wf.config["monitoring"] = {"enabled": False}
 
 
+GPU_GB_PER_SLOT = 2.0  # a worker's CUDA context plus one scan's deepbet or scoring, with room
+
+
+def gpu_slots(nprocs: int, device: str) -> int:
+    """How many GPU nodes MultiProc may run at once: one per process while the card has
+    ``GPU_GB_PER_SLOT`` GiB for each (nipype's default is one per visible GPU, which would
+    preprocess and score one participant at a time on a one-GPU machine); 0 off CUDA."""
+    if device == "cpu":
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    total_gb = torch.cuda.get_device_properties(index).total_memory / 2**30
+    return max(1, min(int(nprocs), int(total_gb // GPU_GB_PER_SLOT)))
+
+
 def plugin_args(resources: ResourceConfig) -> tuple[str, dict]:
     # forkserver: forked workers of a process whose torch/OpenMP pools are live deadlock.
     args = {"n_procs": resources.nprocs, "raise_insufficient": False,
-            "mp_context": "forkserver", **resources.plugin_args}
+            "mp_context": "forkserver"}
+    slots = gpu_slots(resources.nprocs, resources.device)
+    if slots:
+        args["n_gpu_procs"] = slots
+    args.update(resources.plugin_args)
     if resources.mem_gb:
         args["memory_gb"] = resources.mem_gb
     if resources.plugin == "Linear":
