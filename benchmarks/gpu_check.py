@@ -48,6 +48,12 @@ What it does, per model (``dae``; ``ddpm`` too with ``--ddpm``):
    ``--repeats`` (ddpm on CPU: ``--ddpm-cpu-repeats``, 2) after one warm-up, with
    ``torch.cuda.synchronize`` around each repeat.
 
+6. on CUDA (on the CPU with ``--cpu-only``), a training-throughput sweep of the default dae
+   over ``--batch-sizes`` (16 64 256 1024; the training volumes repeated ``--sweep-repeat``
+   times so the largest batch still takes several steps): slices/s, peak GPU memory, whether
+   ``torch.compile`` ran, and the best batch against the default. Throughput only: the
+   learning rate is not rescaled, so it says what the card can be fed, not a training recipe.
+
 A summary table is printed last; ``gpu_check.json`` goes to ``--out-dir`` (default: ``$OUT``
 when set). Exit code: 0 all checks passed, 1 a check failed, 2 no CUDA with
 ``--require-cuda``, 3 a missing package. With ``--cpu-only`` (or no CUDA) the CUDA columns stay
@@ -263,6 +269,48 @@ def epoch_stats(hist: dict, wall: float) -> dict:
             "fit_wall_s": wall}
 
 
+def batch_sweep(data: dict, args, device: str, rep: Report) -> list[dict]:
+    """Training throughput of the default dae at each ``--batch-sizes`` (throughput only: the
+    learning rate is not rescaled, so this says what the device can feed, not what to train
+    with). The training volumes are repeated ``--sweep-repeat`` times so that even the largest
+    batch takes several steps per epoch; 2 epochs, the second one timed."""
+    import torch
+
+    from bids_anomaly.models.registry import get_model_class
+
+    cls = get_model_class("dae")
+    big = {**data, "train": data["train"] * args.sweep_repeat,
+           "train_masks": data["train_masks"] * args.sweep_repeat}
+    out = []
+    for bs in args.batch_sizes:
+        hp = {"epochs": 2, "patience": 10**6, "max_minutes": 1e6, "batch_size": bs}
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            _, hist, wall = train(cls, hp, big, device, args)
+        except torch.cuda.OutOfMemoryError as exc:  # report and go on
+            out.append({"batch_size": bs, "error": f"out of memory: {exc}"})
+            continue
+        st = epoch_stats(hist, wall)
+        row = {"batch_size": bs, "slices_per_s": st["slices_per_s"], "epoch_s": st["epoch_s"],
+               "first_epoch_s": st["first_epoch_s"], "compiled": hist.get("compiled"),
+               "peak_gpu_mib": (torch.cuda.max_memory_allocated() / 2**20
+                                if device.startswith("cuda") else None)}
+        out.append(row)
+        print(f"  {device} batch {bs}: {row}")
+    ok = [r for r in out if "slices_per_s" in r]
+    if ok:
+        best = max(ok, key=lambda r: r["slices_per_s"])
+        default = next((r for r in ok if r["batch_size"] == cls.defaults["batch_size"]), None)
+        rep.row("dae", f"train slices/s, best batch ({best['batch_size']})",
+                best["slices_per_s"] if not device.startswith("cuda") else None,
+                best["slices_per_s"] if device.startswith("cuda") else None,
+                best["slices_per_s"] / default["slices_per_s"] if default else None,
+                "ratio: against the default batch")
+    return out
+
+
 def bench_model(name: str, data: dict, args, cuda: bool, rep: Report) -> dict:
     import torch
 
@@ -416,6 +464,11 @@ def parse_args(argv=None):
                    help="timed repeats of ddpm on CPU (each costs seconds; default 2)")
     p.add_argument("--threads", type=int, default=default_threads,
                    help=f"CPU threads for torch (default {default_threads})")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 64, 256, 1024],
+                   help="dae training throughput sweep on CUDA (none: skip; with --cpu-only "
+                        "it runs on the CPU)")
+    p.add_argument("--sweep-repeat", type=int, default=8,
+                   help="training volumes repeated this often for the sweep (default 8)")
     p.add_argument("--tol", type=float, default=2e-2, help="relative error bound, cuda vs cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.environ.get("OUT") or None,
@@ -484,6 +537,10 @@ def main(argv=None) -> int:
         except Exception as exc:  # report and go on: the table should still come out
             logging.exception("%s failed", name)
             rep.check(name, "ran to the end", False, f"{type(exc).__name__}: {exc}")
+        save()
+    if args.batch_sizes and (cuda or args.cpu_only):
+        print(f"\n== dae batch-size sweep ({'cuda' if cuda else 'cpu'}) ==")
+        results["batch_sweep"] = batch_sweep(data, args, "cuda" if cuda else "cpu", rep)
         save()
     failed = [c for c in rep.checks if not c["ok"]]
     if args.out_dir:
