@@ -93,6 +93,22 @@ def test_same_run_resumes_even_with_another_time_budget(ckpt):
     assert seen == [2] and [h["epoch"] for h in hist["history"]] == [1, 2]
 
 
+def _drop_from_fingerprint(ckpt, key):
+    state = torch.load(ckpt, weights_only=True)
+    del state["fingerprint"]["hyperparameters"][key]
+    torch.save(state, ckpt)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_while_it_is_off(ckpt):
+    """An interrupted run of an older release (its fingerprint lacks an option added since,
+    off by default) resumes; it is refused once the option is turned on."""
+    _drop_from_fingerprint(ckpt, "aug_warp")
+    hist = _fit(ckpt, resume=True)
+    assert [h["epoch"] for h in hist["history"]] == [1, 2]
+    _drop_from_fingerprint(ckpt, "aug_warp")
+    assert "hyper-parameter aug_warp None (now 0.4)" in _refused(ckpt, hp={"aug_warp": 0.4})
+
+
 def _mode() -> tuple[bool, bool]:
     return (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())

@@ -54,7 +54,7 @@ LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 STOPPING_HPARAMS = ("max_minutes", "patience")
 # Hyper-parameters that only decide how a trained network is used at inference (the dae's
 # noisy draws): they do not identify a training run either.
-INFERENCE_HPARAMS = ("infer_draws", "infer_noise")
+INFERENCE_HPARAMS = ("infer_draws", "infer_noise", "infer_csf")
 
 
 def resolve_device(device: str) -> str:
@@ -146,6 +146,11 @@ def run_fingerprint(net: torch.nn.Module, hparams: dict, model: str | None, seed
     }
 
 
+# The value of an option that is off: every hyper-parameter added after a checkpoint was
+# written came in off by default, so a checkpoint that lacks one trained without it.
+_OFF = (0, 0.0, False, None, [], "")
+
+
 def fingerprint_differences(saved: dict | None, current: dict) -> list[str]:
     """What differs between a checkpoint's fingerprint and this run's, in words."""
     if saved is None:
@@ -158,6 +163,8 @@ def fingerprint_differences(saved: dict | None, current: dict) -> list[str]:
         out.append("network layers or their shapes")
     old, new = saved.get("hyperparameters") or {}, current["hyperparameters"]
     for k in sorted(set(old) | set(new)):
+        if k not in old and new[k] in _OFF:
+            continue  # added since, and off: the saved run trained without it too
         if old.get(k) != new.get(k):
             out.append(f"hyper-parameter {k} {old.get(k)!r} (now {new.get(k)!r})")
     for key in ("training_data", "validation_data"):
