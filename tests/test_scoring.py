@@ -52,6 +52,10 @@ def test_clusters_table_sizes_and_coordinates():
     assert df.hemisphere.tolist() == ["right", "left"]
     assert df.peak_z.tolist() == [6.0, 4.0]
     assert df.centroid_x.iloc[1] == -15.0
+    assert df.darker_fraction.isna().all()  # no reconstruction given
+    signed = np.where(np.arange(20)[:, None, None] < 10, -0.3, 0.2) * np.ones((20, 20, 20))
+    df = clusters_table(stat, stat > 0, affine, signed)
+    assert df.darker_fraction.tolist() == [0.0, 1.0]  # right: brighter; left: darker
 
 
 def test_scan_score_and_percentile():

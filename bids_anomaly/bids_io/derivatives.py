@@ -151,6 +151,10 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
         "centroid_y": {"Description": "centroid, template y", "Units": "mm"},
         "centroid_z": {"Description": "centroid, template z", "Units": "mm"},
         "hemisphere": {"Description": "left, right or midline (|x| <= 2 mm)"},
+        "darker_fraction": {"Description": "share of the cluster's voxels where the scan is "
+                            "darker than its pseudo-healthy reconstruction (1: hypo-intense "
+                            "throughout, 0: hyper-intense); n/a where no reconstruction was "
+                            "kept"},
     })
     record = scan_record(key, "ok")
     record.update({k: summary[k] for k in ("score", "percentile", "flagged", "threshold",

@@ -47,11 +47,18 @@ def flag_score(healthy: list[float], flag_percentile: float) -> float:
 
 
 CLUSTER_COLUMNS = ["cluster_id", "size_mm3", "peak_z", "mean_z", "centroid_x", "centroid_y",
-                   "centroid_z", "hemisphere"]
+                   "centroid_z", "hemisphere", "darker_fraction"]
 
 
-def clusters_table(statmap: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
-    """One row per connected cluster of ``mask``, largest first, in template mm coordinates."""
+def clusters_table(statmap: np.ndarray, mask: np.ndarray, affine: np.ndarray,
+                   signed: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per connected cluster of ``mask``, largest first, in template mm coordinates.
+
+    ``signed`` (X, Y, Z): the scan minus its pseudo-healthy reconstruction, averaged over
+    contrasts; ``darker_fraction`` is the share of the cluster's voxels where the scan is
+    darker than expected (n/a without it). On a T1w, a cluster that is darker throughout and
+    sits on CSF is often an enlarged ventricle or sulcus (ageing, mass effect) rather than a
+    focal lesion: a reviewer sees it at once."""
     lab, n = ndimage.label(mask)
     vox_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     rows = []
@@ -61,8 +68,9 @@ def clusters_table(statmap: np.ndarray, mask: np.ndarray, affine: np.ndarray) ->
         xyz = affine[:3, :3] @ ijk + affine[:3, 3]
         hemi = "left" if xyz[0] < -2 else "right" if xyz[0] > 2 else "midline"
         vals = statmap[sel]
+        darker = round(float((signed[sel] < 0).mean()), 3) if signed is not None else np.nan
         rows.append([0, float(sel.sum()) * vox_mm3, float(vals.max()), float(vals.mean()),
-                     *(round(float(c), 1) for c in xyz), hemi])
+                     *(round(float(c), 1) for c in xyz), hemi, darker])
     df = pd.DataFrame(rows, columns=CLUSTER_COLUMNS)
     df = df.sort_values("size_mm3", ascending=False).reset_index(drop=True)
     df["cluster_id"] = np.arange(1, len(df) + 1)
@@ -106,8 +114,9 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
     mask = threshold_mask(statmap, thr, calib.params.min_cluster_voxels)
     pct = percentile_among(score, calib.healthy_scores)
     flagged = bool(pct >= calib.params.flag_percentile) if np.isfinite(pct) else None
+    signed = (volume - recon).mean(axis=0) if recon is not None else None
     return ScanResult(recon, statmap, mask, score, pct, flagged, thr,
-                      clusters_table(statmap, mask, affine))
+                      clusters_table(statmap, mask, affine, signed))
 
 
 def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,

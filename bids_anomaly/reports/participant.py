@@ -223,7 +223,10 @@ def _clusters(output_dir: Path, rec: ScanRecord) -> str:
         more = (f'<p class="muted small">Showing {_MAX_CLUSTER_ROWS} of {len(rows)} clusters; '
                 f"see {esc(outs.clusters)}.</p>")
     return (head + table(columns, cells, numeric, testid=f"clusters-{rec.key.scan_id}") + more
-            + '<p class="muted small">Centroids in template mm (MNI152NLin2009aSym).</p>')
+            + '<p class="muted small">Centroids in template mm (MNI152NLin2009aSym). '
+            "darker_fraction: share of the cluster darker than its pseudo-healthy "
+            "reconstruction; on a T1w a cluster darker throughout that sits on CSF is often an "
+            "enlarged ventricle or sulcus (ageing, mass effect) rather than a lesion.</p>")
 
 
 def _short(value: Any, limit: int = 400) -> Any:
