@@ -66,9 +66,9 @@ def _nilearn_version() -> str | None:
         return None
 
 
-def _cache_file(resolution: int) -> Path:
+def _cache_file(resolution: int, nilearn_version: str) -> Path:
     """The cache file of a template, keyed by nilearn's version."""
-    return _cache_dir() / _cache_name(_nilearn_version() or "", resolution)
+    return _cache_dir() / _cache_name(nilearn_version, resolution)
 
 
 def _from_nilearn(resolution: int) -> dict[str, np.ndarray]:
@@ -123,9 +123,10 @@ def _cached_arrays(resolution: int) -> dict[str, np.ndarray]:
     """The template arrays, from the cache when it is readable (importing nilearn and
     resampling costs ~4 s per process), else from nilearn's package data; the cache is
     written atomically and skipped silently where the folder is not writable."""
-    if _nilearn_version() is None:
+    version = _nilearn_version()
+    if version is None:
         return _without_nilearn(resolution)
-    path = _cache_file(resolution)
+    path = _cache_file(resolution, version)
     arrays = _read_cache(path)
     if arrays is not None:
         return arrays

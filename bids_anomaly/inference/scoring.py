@@ -114,9 +114,8 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
     mask = threshold_mask(statmap, thr, calib.params.min_cluster_voxels)
     pct = percentile_among(score, calib.healthy_scores)
     flagged = bool(pct >= calib.params.flag_percentile) if np.isfinite(pct) else None
-    signed = (volume - recon).mean(axis=0) if recon is not None else None
     return ScanResult(recon, statmap, mask, score, pct, flagged, thr,
-                      clusters_table(statmap, mask, affine, signed))
+                      clusters_table(statmap, mask, affine, (volume - recon).mean(axis=0)))
 
 
 def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
