@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+
+from bids_anomaly.core.interrupt import INTERRUPT_HANDLED
 
 from .console import console
 
@@ -24,7 +27,32 @@ def _on_signal(signum, frame):
     if getattr(_on_signal, "fired", False):
         return
     _on_signal.fired = True
+    threading.Thread(target=_until_handled, args=(signum,), name="interrupt-watchdog",
+                     daemon=True).start()
     raise Interrupted(signum)
+
+
+def _until_handled(signum: int, every_s: float = 0.5) -> None:
+    """Send the signal again until the run has started handling it.
+
+    The handler's exception can be lost: a signal that lands while the main thread runs a
+    ``__del__`` or a weakref callback (pybids' SQLAlchemy session cleans up that way) raises
+    there, and Python drops it ("Exception ignored in ..."), as does any library's bare
+    ``except:``. The run would then go on as if never signalled (seen in CI). Until the runner
+    or the CLI sets ``INTERRUPT_HANDLED``, this re-arms the handler and re-sends the signal.
+    """
+    if not INTERRUPT_HANDLED.wait(every_s):
+        _on_signal.fired = False  # the handler runs again and starts the next watchdog
+        os.kill(os.getpid(), signum)
+
+
+def _quiet_when_dropped(unraisable) -> None:
+    """``sys.unraisablehook``: a dropped interrupt is re-sent (above), not printed."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
 
 
 def install_signal_handlers() -> None:
@@ -33,17 +61,24 @@ def install_signal_handlers() -> None:
     The runner then stops nipype's workers (found through /proc, see
     ``bids_anomaly.core.interrupt.stop_children``), removes temporary files and reports which scans
     finished. No process group is created: SLURM/scancel and a terminal's Ctrl-C signal the
-    whole job or foreground group, which still includes every worker.
+    whole job or foreground group, which still includes every worker. An interrupt that lands
+    where Python drops it (inside a finalizer) is sent again (``_until_handled``).
     """
+    global _previous_hook
     _on_signal.fired = False
+    INTERRUPT_HANDLED.clear()
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread (main() called in-process): keep the defaults
-        pass
+        return
+    if sys.unraisablehook is not _quiet_when_dropped:
+        _previous_hook = sys.unraisablehook
+        sys.unraisablehook = _quiet_when_dropped
 
 
 def report_interrupted(exc: KeyboardInterrupt) -> None:
+    INTERRUPT_HANDLED.set()
     signum = getattr(exc, "signum", signal.SIGINT)
     name = signal.Signals(signum).name
     finished = getattr(exc, "finished", None)

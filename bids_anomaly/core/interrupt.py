@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+
+# Set by whoever starts handling an interrupt (the runner's ``interruptible``, the CLI's
+# summary): until then a signal handler may assume its exception was lost and raise it again.
+INTERRUPT_HANDLED = threading.Event()
 
 
 def descendants(pid: int) -> list[int]:

@@ -20,7 +20,7 @@ from .. import __version__
 from ..bids_io.discovery import ScanInput, discover_scans
 from ..core.config import RunConfig
 from ..core.errors import BidsAnomalyError, BundleError, DataError, ExitCode
-from ..core.interrupt import remove_temp_files, stop_children
+from ..core.interrupt import INTERRUPT_HANDLED, remove_temp_files, stop_children
 from ..core.naming import ScanOutputs
 from ..core.paths import ensure_writable_dir, validate_run_paths
 from ..core.versions import software_versions
@@ -83,6 +83,7 @@ def interruptible(level: str, places: list[tuple[Path, str]], scans_done) -> Ite
     try:
         yield
     except KeyboardInterrupt as exc:
+        INTERRUPT_HANDLED.set()
         stop_children()
         remove_temp_files(places)
         finished, pending = scans_done()
