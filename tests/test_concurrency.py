@@ -59,7 +59,8 @@ def concurrent(tmp_path_factory):
         with_skull=False, seed=31))
     train = subprocess.run(
         [*_cli(), "train", str(cohort.root), str(root / "models-out"), "--model-type", "zscore",
-         "--healthy-filter", "split=train", "-w", str(root / "train-work"), "--nprocs", "1",
+         "--registration", "affine-coarse", "--healthy-filter", "split=train",
+         "-w", str(root / "train-work"), "--nprocs", "1",
          "--plugin", "Linear"],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert train.returncode == 0, f"training failed:\n{train.stdout}\n{train.stderr}"

@@ -218,7 +218,8 @@ def contract():
         models = base / "models-out"
         train = subprocess.run(
             [str(cli), "train", str(cohort.root), str(models), "--model-type", "zscore",
-             "--healthy-filter", "split=train", "-w", str(base / "train-work"),
+             "--registration", "affine-coarse", "--healthy-filter", "split=train",
+             "-w", str(base / "train-work"),
              "--nprocs", "1", "--plugin", "Linear"],  # in-process: half the CPU time
             capture_output=True, text=True, timeout=TIMEOUT,
             env={**os.environ, "NIPYPE_NO_ET": "1", "OMP_NUM_THREADS": "1"})

@@ -233,6 +233,25 @@ def test_native_round_trip(tmp_path):
     tmask = np.asarray(nb.load(res.template_brain_mask).dataobj) > 0
     tdice = 2 * (tmask & tpl.mask).sum() / (tmask.sum() + tpl.mask.sum())
     assert tdice > 0.85
+    # --registration affine-coarse (the suite's training runs use it): the same scan's affine
+    # maps the template brain within half a voxel (1 mm) of the full affine's.
+    from bids_anomaly.preprocessing.normalise import normalise_intensity
+    from bids_anomaly.preprocessing.registration import register_to_template
+
+    brain = nb.Nifti1Image(normalise_intensity(np.asarray(native.dataobj, np.float32), mask),
+                           native.affine)
+    coarse = register_to_template(brain, tpl, tmp_path / "coarse.mat", tmp_path / "wc",
+                                  kind="affine-coarse")
+    pts = np.argwhere(tpl.mask)[::50] @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    pts *= [-1, -1, 1]  # ITK's LPS
+
+    def mapped(path):
+        tx = ants.read_transform(str(path))
+        return np.array([tx.apply_to_point(tuple(p)) for p in pts])
+
+    mat = [t for t in coarse if t.endswith(".mat")][0]
+    rms = np.sqrt(((mapped(mat) - mapped(res.xfm)) ** 2).sum(1).mean())
+    assert rms < 1.0, rms
 
 
 def test_syn_registration_round_trip(tmp_path):

@@ -113,7 +113,18 @@ def test_calibrate_brings_a_new_site_to_its_nominal_rate(sites):
     assert same_site < 0.02
 
 
-def test_calibrate_command_end_to_end(tiny_cohort, tmp_path):
+@pytest.fixture(scope="module")
+def site_cohort(tmp_path_factory):
+    """Skull-free 4 mm, one session: 3 train, 1 healthy test, 1 patient (the CLI's path)."""
+    from bids_anomaly.synth.cohort import generate_cohort
+    from bids_anomaly.synth.config import SynthConfig
+
+    return generate_cohort(tmp_path_factory.mktemp("site") / "bids", SynthConfig(
+        n_healthy=3, n_healthy_test=1, n_patients=1, voxel_size=4.0, template_resolution=2,
+        n_sessions=1, with_skull=False, seed=3))
+
+
+def test_calibrate_command_end_to_end(site_cohort, tmp_path):
     """``bids-anomaly calibrate`` writes a new bundle (same weights) whose reference is this
     dataset's controls; scoring with it names that reference and marks its own controls."""
     import subprocess
@@ -128,21 +139,21 @@ def test_calibrate_command_end_to_end(tiny_cohort, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         return r
 
-    cli("train", tiny_cohort.root, out, "--model-type", "zscore", "--folds", "2",
-        "--healthy-filter", "split=train")
-    r = cli("calibrate", tiny_cohort.root, out, "--model", "zscore", "--model-name", "site",
+    cli("train", site_cohort.root, out, "--model-type", "zscore", "--folds", "2",
+        "--healthy-filter", "split=train", "--registration", "affine-coarse")
+    r = cli("calibrate", site_cohort.root, out, "--model", "zscore", "--model-name", "site",
             "--healthy-filter", "group=control")
     assert "bundle" in r.stdout
     old, new = load_bundle(out / "models" / "zscore"), load_bundle(out / "models" / "site")
     assert new.weights_sha256 == old.weights_sha256
     cohort = new.card["reference_cohort"]
-    assert cohort["dataset"] == str(tiny_cohort.root.resolve())
-    assert sorted(cohort["participants"]) == sorted(tiny_cohort.train_subjects
-                                                    + tiny_cohort.test_healthy_subjects)
+    assert cohort["dataset"] == str(site_cohort.root.resolve())
+    assert sorted(cohort["participants"]) == sorted(site_cohort.train_subjects
+                                                    + site_cohort.test_healthy_subjects)
     assert (out / "models" / "site" / "report.html").exists()
-    test = tiny_cohort.test_healthy_subjects[0]
-    patient = tiny_cohort.patient_subjects[0]
-    r = cli("score", tiny_cohort.root, out, "participant", "--model", "site",
+    test = site_cohort.test_healthy_subjects[0]
+    patient = site_cohort.patient_subjects[0]
+    r = cli("score", site_cohort.root, out, "participant", "--model", "site",
             "--participant-label", test, patient)
     assert "optimistic" in r.stdout  # the control that set the reference is called out
     for label, role in ((test, "calibration"), (patient, None)):

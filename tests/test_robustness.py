@@ -72,7 +72,8 @@ def base(tmp_path_factory):
     shutil.rmtree(cohort.root / "derivatives", ignore_errors=True)
     out = root / "train-out"
     r = cli("train", cohort.root, out, "--healthy-filter", "split=train", "--model-type",
-            "zscore", "-w", root / "train-work", "--nprocs", "2", bids=cohort.root)
+            "zscore", "-w", root / "train-work", "--nprocs", "2", "--registration",
+            "affine-coarse", bids=cohort.root)
     assert r.returncode == 0, r.stdout + r.stderr
     return {"bids": cohort.root, "bundle": out / "models" / "zscore", "root": root}
 

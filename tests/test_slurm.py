@@ -130,7 +130,8 @@ def cohort(tmp_path_factory):
     shutil.rmtree(bids / "derivatives", ignore_errors=True)
     train = subprocess.run(
         [*_cli(), "train", str(bids), str(root / "train"), "--model-type", "zscore",
-         "--healthy-filter", "split=train", "-w", str(root / "train-work"), "--nprocs", "1",
+         "--registration", "affine-coarse", "--healthy-filter", "split=train",
+         "-w", str(root / "train-work"), "--nprocs", "1",
          "--plugin", "Linear"],
         capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert train.returncode == 0, train.stdout + train.stderr

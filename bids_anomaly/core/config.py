@@ -47,7 +47,7 @@ class PreprocConfig:
     resolution: int = 2
     # auto (deepbet unless already stripped) | deepbet | none
     brain_extraction: str = "auto"
-    registration: str = "affine"  # affine | syn
+    registration: str = "affine"  # affine | affine-coarse | syn
     n4: bool = True
     n4_shrink: int = 4
 

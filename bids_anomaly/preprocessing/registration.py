@@ -11,7 +11,13 @@ import numpy as np
 
 from ..core.templates import Template
 
-TRANSFORMS = {"affine": "Affine", "rigid": "Rigid", "syn": "SyN"}
+TRANSFORMS = {"affine": "Affine", "affine-coarse": "Affine", "rigid": "Rigid", "syn": "SyN"}
+# antspyx's own settings but for ``affine-coarse``, which stops before the full-resolution
+# level (antspyx: 2100x1200x1200x10 over shrink factors 6x4x2x1). Those last ten iterations
+# cost most of the registration: on one IXI, one BraTS and one synthetic 4 mm scan, 9.3 / 19.0 /
+# 8.2 s against 4.0 / 11.0 / 2.9 s single-threaded, and the template-brain points the two
+# affines map differ by 0.58 / 0.66 / 0.62 mm RMS (max 1.6 mm) at the 2 mm template.
+EXTRA = {"affine-coarse": {"aff_iterations": (2100, 1200, 1200, 0)}}
 
 
 def _single_threaded() -> None:
@@ -78,6 +84,7 @@ def register_to_template(
         type_of_transform=TRANSFORMS[kind],
         random_seed=seed,
         outprefix=str(work / "reg_"),
+        **EXTRA.get(kind, {}),
     )
     fwd = list(reg["fwdtransforms"])
     shutil.copyfile([t for t in fwd if t.endswith(".mat")][0], xfm_out)

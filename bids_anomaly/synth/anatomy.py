@@ -306,6 +306,8 @@ def _synth_scan(
         n2 = crng.standard_normal(shape, dtype=np.float32)
         img = np.sqrt((img + np.float32(sigma) * n1) ** 2 + (np.float32(sigma) * n2) ** 2)
         img *= np.float32(peak / ref)
+        if layers is None:  # skull-stripped, as BraTS or open MS data: zero outside the brain
+            img[~brain] = 0
         images[contrast] = np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
     return SynthScan(affine, images, brain, lesion_mask), lesions
 
