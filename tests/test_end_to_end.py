@@ -80,7 +80,7 @@ def pipeline(tmp_path_factory):
     cfg.write_text(json.dumps(DAE_CONFIG))
     runs = {
         "train_dae": cli("train", cohort.root, out, "--healthy-filter", "split=train",
-                         "--model-config", cfg, "-w", work, "--nprocs", "2"),
+                         "--model-config", cfg, "-w", work, "--nprocs", "2", "--folds", "2"),
         "train_z": cli("train", cohort.root, out, "--healthy_filter", "split=train",
                        "--model-type", "zscore", "-w", work, "--nprocs", "2"),
         "score": cli(cohort.root, out, "participant", "--model", "dae", "--participant-label",

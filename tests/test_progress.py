@@ -24,7 +24,7 @@ from bids_anomaly.progress.records import Tail, node_progress
 ETA = re.compile(r"ETA \d+:\d\d")
 ANSI = re.compile(r"\x1b\[")
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-DAE = {"epochs": 8, "patience": 20, "channels": [8, 16, 32], "strides": [2, 2]}
+DAE = {"epochs": 5, "patience": 20, "channels": [8, 16, 32], "strides": [2, 2]}
 
 
 class _Node:
@@ -197,7 +197,7 @@ def test_train_and_score_show_progress_on_a_terminal(cohort) -> None:
     text = ESCAPES.sub("", text)
     assert ETA.search(text), text[-3000:]
     assert re.search(r"preprocessing .*\d/3 scans", text)
-    assert re.search(r"fold \d/2 · epoch \d+/8", text) and "slices/s" in text
+    assert re.search(r"fold \d/2 · epoch \d+/5", text) and "slices/s" in text
     assert "training dae: done" in text
     rc, text = run_in_pty(_score(cohort, out))
     assert rc == 0, text[-3000:]
