@@ -12,6 +12,7 @@ import sys
 import click
 
 from bids_anomaly.core.errors import BidsAnomalyError, ExitCode
+from bids_anomaly.core.interrupt import INTERRUPT_HANDLED
 
 from .argv import expand_greedy
 from .console import console
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(int(ExitCode.USAGE))
     except click.exceptions.Abort as exc:
+        INTERRUPT_HANDLED.set()  # no watchdog re-sends the signal while this exits
         if isinstance(exc.__cause__, KeyboardInterrupt):  # click wraps Ctrl-C/SIGTERM
             report_interrupted(exc.__cause__)
         console.print("[red]Aborted.[/]")
