@@ -116,22 +116,10 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
     # (ventricle and sulcus size, displaced anatomy: what an affine registration leaves).
     "dae+ctx1+bias3+warp4": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                      "aug_warp": 0.4}, {"smooth_sigma": 1.0}),
-    # Inpainting: a checkerboard of squares hidden through the context slices, each voxel
-    # reconstructed only by the passes that hid it (squares of 8 and 16 voxels at 2 mm).
-    "dae+ctx1+bias3+inpaint8": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
-                                        "mask_patch": 8}, {"smooth_sigma": 1.0}),
-    "dae+ctx1+bias3+inpaint16": ("dae", {**DAE, "infer_draws": 4, "context": 1,
-                                         "aug_bias": 0.3, "mask_patch": 16},
-                                 {"smooth_sigma": 1.0}),
-    # The default told where the scan's CSF is (an extra, noise-free input channel).
-    "dae+ctx1+bias3+csfbin3": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
-                                       "csf_channel": 0.3}, {"smooth_sigma": 1.0}),
     # The default with its top skip kept at half (channel dropout 0.5 instead of removed).
     "dae+ctx1+bias3+skip05": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                       "skip_dropout": 0.5}, {"smooth_sigma": 1.0}),
-    # The default trained with an L1 loss; the default with finer noise (1/4 instead of 1/8).
-    "dae+ctx1+bias3+l1": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
-                                  "loss": "l1"}, {"smooth_sigma": 1.0}),
+    # The default with finer noise (1/4 of the slice grid instead of 1/8).
     "dae+ctx1+bias3+scale4": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                       "noise_scale": 4}, {"smooth_sigma": 1.0}),
     # The default one level deeper (bottleneck at 1/16 instead of 1/8).

@@ -119,13 +119,6 @@ class SliceModel(AnomalyModel):
         themselves by default; a model may corrupt them as in training, several times)."""
         return [x]
 
-    def inference_weights(self, x: torch.Tensor, m: torch.Tensor,
-                          gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(input, weight) pairs: each voxel's reconstruction is the weighted mean of the
-        inputs' reconstructions (weight None: 1 everywhere). A model that hides part of a
-        slice keeps only what it had to fill in."""
-        return [(inp, None) for inp in self.inference_inputs(x, m, gen)]
-
     def fit(self, volumes, masks, ctx: FitContext) -> dict:
         union = np.any(np.stack(masks), axis=0)
         box = self._box(union)
@@ -157,12 +150,9 @@ class SliceModel(AnomalyModel):
             xb = x[i : i + 64].to(device, non_blocking=True)
             mb = m[i : i + 64].to(device, non_blocking=True)
             with torch.autocast(device_type=kind, enabled=False):
-                total = weight = 0.0
-                for inp, w in self.inference_weights(xb, mb, gen):
-                    rec = self._forward_recon(inp).float()
-                    total = total + (rec if w is None else rec * w)
-                    weight = weight + (1.0 if w is None else w)
-                out.append((total / weight).cpu())
+                recs = [self._forward_recon(inp).float() for inp in
+                        self.inference_inputs(xb, mb, gen)]
+                out.append((sum(recs) / len(recs)).cpu())
         c, k = len(self.contrasts), self.context
         rec = torch.cat(out)[:, k * c : (k + 1) * c].numpy() * m.numpy()  # the central slice
         return slices_to_volume(rec, keep, box, self.shape) * mask[None]
