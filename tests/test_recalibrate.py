@@ -173,3 +173,12 @@ def test_the_per_scan_baseline_keeps_a_shifted_site_quiet_without_calibrate(site
     rate = _mask_fpr(with_baseline, b[5:], template)
     print(f"site B healthy mask FPR at nominal 1% with the per-scan baseline: {rate:.5f}")
     assert rate <= 0.02
+
+
+def test_zscore_bundles_weigh_csf_dark_voxels_and_calibrate_keeps_the_weighting(sites):
+    """zscore's own scoring default (CSF-dark voxels at half weight) is recorded in the bundle
+    it trains, and a site calibration keeps the bundle's scoring choices."""
+    _, _, _, _, bundle, new, with_baseline = sites
+    for b in (bundle, new, with_baseline):
+        assert b.calibration.params.csf_weight == 0.5
+        assert b.calibration.params.csf_quantile == 0.1

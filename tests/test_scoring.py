@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bids_anomaly.calibration.out_of_fold import calibrate
 from bids_anomaly.calibration.statmap import scan_score, threshold_mask
@@ -139,3 +140,49 @@ def test_normative_maps_travel_in_the_bundle(tmp_path):
     np.testing.assert_allclose(got.sd, cal.normative.sd, rtol=1e-2)
     assert bundle.calibration.thresholds == cal.thresholds
     assert bundle.calibration.normative_info["n_scans"] == 3
+
+
+def test_csf_dark_voxels_count_at_their_weight_in_calibration_and_scoring():
+    """The darkest tenth of a scan's brain (CSF on a T1w) weighs ``csf_weight`` in the raw
+    map, at calibration as at scoring: a deviation there counts half, the same deviation in
+    tissue counts fully, and the thresholds still hold their nominal rate on healthy scans."""
+    from bids_anomaly.calibration.out_of_fold import calibrate_out_of_fold
+    from bids_anomaly.calibration.statmap import csf_weights
+    from bids_anomaly.inference.scoring import score_volume
+
+    rng = np.random.default_rng(5)
+    shape = (24, 24, 24)
+    brain = np.ones(shape, bool)
+    tissue = np.where(np.indices(shape)[0] < 4, 0.2, 1.0).astype(np.float32)  # 1/6 is "CSF"
+
+    class Healthy:  # reconstructs every scan as the noise-free anatomy
+        contrasts = ["T1w"]
+
+        def reconstruct(self, volume, mask, device="cpu"):
+            return tissue[None].copy()
+
+    def scan():
+        return (tissue + 0.05 * rng.standard_normal(shape)).astype(np.float32)[None]
+
+    params = ScoringParams(erosion=0, median_size=1, min_cluster_voxels=1, csf_weight=0.5)
+    assert csf_weights(scan(), brain, ScoringParams()) is None
+    w = csf_weights(scan(), brain, params)
+    assert (w == 0.5).mean() == pytest.approx(0.1, abs=0.005)
+    assert np.all(w[4:] == 1.0)  # only CSF-dark voxels
+
+    healthy = [scan() for _ in range(12)]
+    cal = calibrate_out_of_fold([v - tissue[None] for v in healthy], [brain] * 12, params,
+                                weights=[csf_weights(v, brain, params) for v in healthy])
+    fresh = [score_volume(Healthy(), scan(), brain, cal, np.eye(4)) for _ in range(4)]
+    assert np.mean([r.mask.mean() for r in fresh]) <= 2 * float(cal.default_fpr)
+
+    dev = scan()
+    dev[0, 1, 5:9, 5:9] -= 0.5  # as dark a deviation in CSF ...
+    dev[0, 12, 5:9, 5:9] -= 0.5  # ... as in tissue
+    res = score_volume(Healthy(), dev, brain, cal, np.eye(4))
+    plain = ScoringParams(erosion=0, median_size=1, min_cluster_voxels=1)
+    raw = score_volume(Healthy(), dev, brain, calibrate_out_of_fold(
+        [v - tissue[None] for v in healthy], [brain] * 12, plain), np.eye(4))
+    assert res.statmap[1, 5:9, 5:9].mean() < 0.6 * raw.statmap[1, 5:9, 5:9].mean()
+    assert res.statmap[12, 5:9, 5:9].mean() == pytest.approx(raw.statmap[12, 5:9, 5:9].mean(),
+                                                             rel=0.05)

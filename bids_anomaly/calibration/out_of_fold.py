@@ -6,6 +6,7 @@ import numpy as np
 
 from .statmap import (
     anomaly_map,
+    csf_weights,
     fit_normative,
     normative_from_sums,
     postprocess,
@@ -61,7 +62,8 @@ def calibrate(model, volumes: list[np.ndarray], masks: list[np.ndarray],
                 "statmap": "median-filtered mean over contrasts of |(residual - mean) / sd|"}
     anomalies = []
     for vol, msk in zip(volumes, masks):
-        _, raw = anomaly_map(model, vol, msk, normative, device=device)
+        weights = csf_weights(vol, msk, params) if normative is not None else None
+        _, raw = anomaly_map(model, vol, msk, normative, device=device, weights=weights)
         anomalies.append(postprocess(raw, msk, params))
     pooled = np.concatenate([a[e] for a, e in anomalies])
     if normative is None:
@@ -94,7 +96,8 @@ def observed_mask_fpr(statmaps: list[tuple[np.ndarray, np.ndarray]],
 def calibrate_out_of_fold(residuals: list[np.ndarray], masks: list[np.ndarray],
                           params: ScoringParams = ScoringParams(), fprs: tuple[str, ...] = FPRS,
                           default_fpr: str = "0.001",
-                          participants: list[str] | None = None) -> Calibration:
+                          participants: list[str] | None = None,
+                          weights: list[np.ndarray | None] | None = None) -> Calibration:
     """The healthy reference from signed residuals of scans no model that made them had seen.
 
     ``residuals[i]`` (C, X, Y, Z) is ``volume - reconstruction`` of healthy scan ``i`` by a
@@ -104,7 +107,10 @@ def calibrate_out_of_fold(residuals: list[np.ndarray], masks: list[np.ndarray],
     against the maps of the *other* scans (leave one out), so a scan never standardises
     itself: the thresholds stay honest for a new scan although every healthy scan serves.
     With fewer than three scans no leave-one-out map exists and the shipped maps are used
-    (in-sample, optimistic; the card's reference status then warns anyway)."""
+    (in-sample, optimistic; the card's reference status then warns anyway).
+
+    ``weights[i]``: scan ``i``'s raw-map weights (:func:`~.statmap.csf_weights` of its
+    volume), as scoring will weight a new scan; None: unweighted."""
     if not residuals:
         raise ValueError("calibration needs at least one healthy scan")
     pairs = list(zip(residuals, masks))
@@ -123,8 +129,8 @@ def calibrate_out_of_fold(residuals: list[np.ndarray], masks: list[np.ndarray],
         spreads = [robust_spread(own_maps(r, m).z(r), m)[1] for r, m in pairs]
         spread = [float(v) for v in np.median(np.stack(spreads), axis=0)]
     statmaps = []
-    for res, msk in pairs:
-        raw = statmap_from_residual(res, msk, own_maps(res, msk), spread)
+    for (res, msk), w in zip(pairs, weights or [None] * len(pairs), strict=True):
+        raw = statmap_from_residual(res, msk, own_maps(res, msk), spread, w)
         a, e = postprocess(raw, msk, params)
         statmaps.append((to_statmap(a, e, 0.0, 1.0), e))
     pooled = np.concatenate([s[e] for s, e in statmaps])

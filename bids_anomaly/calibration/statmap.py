@@ -60,26 +60,57 @@ def normative_from_sums(total: np.ndarray, total_sq: np.ndarray, count: np.ndarr
 
 
 def anomaly_map(model, volume: np.ndarray, brain: np.ndarray, normative: NormativeMaps | None,
-                device: str = "cpu", scan_spread: list[float] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                device: str = "cpu", scan_spread: list[float] | None = None,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reconstruction and raw anomaly map (X, Y, Z).
 
     With normative maps: the mean over contrasts of |z| of the signed residual
-    ``volume - reconstruction`` (after :func:`scan_baseline` when ``scan_spread`` is given);
-    without (older bundles): the model's own residual."""
+    ``volume - reconstruction`` (after :func:`scan_baseline` when ``scan_spread`` is given),
+    times ``weights`` (:func:`csf_weights`) when given; without (older bundles): the model's
+    own residual."""
     if normative is None:
         return model.residual(volume, brain, device=device)
     recon = model.reconstruct(volume, brain, device=device)
-    return recon, statmap_from_residual(volume - recon, brain, normative, scan_spread)
+    return recon, statmap_from_residual(volume - recon, brain, normative, scan_spread, weights)
 
 
 def statmap_from_residual(residual: np.ndarray, brain: np.ndarray, normative: NormativeMaps,
-                          scan_spread: list[float] | None = None) -> np.ndarray:
-    """Mean over contrasts of |z| of a signed residual (X, Y, Z), 0 outside the brain."""
+                          scan_spread: list[float] | None = None,
+                          weights: np.ndarray | None = None) -> np.ndarray:
+    """Mean over contrasts of |z| of a signed residual (X, Y, Z), times ``weights`` when
+    given, 0 outside the brain."""
     z = normative.z(residual)
     if scan_spread is not None:
         z = scan_baseline(z, brain, scan_spread)
-    return (np.abs(z).mean(axis=0) * brain).astype(np.float32)
+    raw = np.abs(z).mean(axis=0) * brain
+    if weights is not None:
+        raw = raw * weights
+    return raw.astype(np.float32)
+
+
+def csf_weights(volume: np.ndarray, brain: np.ndarray, params: ScoringParams
+                ) -> np.ndarray | None:
+    """Per-voxel weights of the raw map: ``params.csf_weight`` on the scan's CSF-dark voxels,
+    1 elsewhere; None when the weight is 1 (off).
+
+    CSF-dark: the first contrast (the T1w) relative to its local brain level (a Gaussian of
+    ``csf_sigma`` voxels inside the brain, so residual shading does not pick the darker side
+    of the head) below its own ``csf_quantile`` inside the brain. On a T1w the darkest tenth
+    is CSF: ventricles and sulci, whose size varies with age and atrophy and is displaced by
+    a mass, beyond what a small healthy reference covers. A lesion as dark as CSF is
+    down-weighted too, but not removed."""
+    if params.csf_weight == 1.0:
+        return None
+    inside = brain.astype(bool)
+    if not inside.any():
+        return None
+    t1 = volume[0].astype(np.float32)
+    w = inside.astype(np.float32)
+    local = ndimage.gaussian_filter(t1 * w, params.csf_sigma) / np.maximum(
+        ndimage.gaussian_filter(w, params.csf_sigma), 1e-6)
+    rel = t1 / np.maximum(local, 1e-6)
+    level = np.quantile(rel[inside], params.csf_quantile)
+    return np.where(inside & (rel < level), params.csf_weight, 1.0).astype(np.float32)
 
 
 def robust_spread(z: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,8 @@ def _median(v: torch.Tensor) -> torch.Tensor:
 
 
 def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
-            normative: NormativeMaps, scan_spread: list[float] | None) -> torch.Tensor:
+            normative: NormativeMaps, scan_spread: list[float] | None,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`.statmap.statmap_from_residual` of ``volume - recon`` (C, X, Y, Z)."""
     mean = torch.as_tensor(normative.mean, device=volume.device)
     sd = torch.as_tensor(normative.sd, device=volume.device)
@@ -90,7 +91,8 @@ def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
             spread = torch.clamp(mad, min=1e-6).double()
             scale = torch.clamp(spread / ref[c], min=1.0).float()
             z[c] = (z[c] - med) / scale
-    return z.abs().mean(dim=0) * brain
+    raw = z.abs().mean(dim=0) * brain
+    return raw if weights is None else raw * weights
 
 
 def postprocess(raw: torch.Tensor, brain: torch.Tensor, params: ScoringParams

@@ -53,6 +53,14 @@ class ScoringParams:
     # Gaussian smoothing (sigma in voxels) of the median-filtered map: an extended low-contrast
     # deviation (oedema) adds up; 0 for bundles written before it existed.
     smooth_sigma: float = 0.0
+    # Weight of CSF-dark voxels in the raw map (the darkest ``csf_quantile`` of the scan's
+    # first contrast inside the brain, relative to its local level over a Gaussian of
+    # ``csf_sigma`` voxels): their deviations mostly measure the size of the CSF spaces (age,
+    # atrophy, mass effect), which healthy people vary in more than a small reference covers
+    # (:func:`~.statmap.csf_weights`). 1: off, as for bundles written before it existed.
+    csf_weight: float = 1.0
+    csf_quantile: float = 0.1
+    csf_sigma: float = 15.0
 
     def to_dict(self) -> dict:
         return asdict(self)

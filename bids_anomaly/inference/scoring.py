@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..calibration.statmap import anomaly_map, postprocess, scan_score, threshold_mask, to_statmap
+from ..calibration.statmap import (
+    anomaly_map,
+    csf_weights,
+    postprocess,
+    scan_score,
+    threshold_mask,
+    to_statmap,
+)
 from ..calibration.types import MIN_REFERENCE_SCANS, Calibration
 
 
@@ -103,11 +110,13 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
         backend = ("torch" if str(device).startswith("cuda") and calib.normative is not None
                    and calib.params.median_size in (1, 3) else "numpy")
     thr = float(calib.thresholds[calib.default_fpr])
+    weights = csf_weights(volume, brain, calib.params) if calib.normative is not None else None
     if backend == "torch":
-        recon, statmap, score = _statmap_on_device(model, volume, brain, calib, spread, device)
+        recon, statmap, score = _statmap_on_device(model, volume, brain, calib, spread, device,
+                                                   weights)
     else:
         recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
-                                 scan_spread=spread)
+                                 scan_spread=spread, weights=weights)
         anomaly, eroded = postprocess(raw, brain, calib.params)
         statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
         score = scan_score(statmap, eroded, calib.params.top_fraction)
@@ -119,7 +128,8 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
 
 
 def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
-                       spread: list[float] | None, device: str
+                       spread: list[float] | None, device: str,
+                       weights: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, float]:
     """(reconstruction, statmap, scan score) with the post-processing on ``device``."""
     import torch
@@ -133,7 +143,8 @@ def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Cali
         vol = torch.as_tensor(volume, dtype=torch.float32, device=device)
         rec = torch.as_tensor(recon, dtype=torch.float32, device=device)
         b = torch.as_tensor(np.asarray(brain, bool), device=device)
-        raw = st.raw_map(vol, rec, b, calib.normative, spread)
+        w = None if weights is None else torch.as_tensor(weights, device=device)
+        raw = st.raw_map(vol, rec, b, calib.normative, spread, w)
         anomaly, eroded = st.postprocess(raw, b, calib.params)
         sd = calib.sd if calib.sd > 0 else 1.0
         statmap = torch.where(eroded, (anomaly - calib.mu) / sd, torch.zeros_like(anomaly))

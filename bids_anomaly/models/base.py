@@ -48,6 +48,9 @@ class AnomalyModel(ABC):
     # Values a hyper-parameter had before it existed: a card written then lacks the key and
     # must load as it was trained, not with today's default.
     legacy_defaults: ClassVar[dict] = {}
+    # Scoring choices (``ScoringParams`` fields) this model is calibrated with at ``train``,
+    # over the project-wide ones (``training.fit.DEFAULT_SCORING``); the bundle records them.
+    scoring_defaults: ClassVar[dict] = {}
 
     def __init__(self, contrasts: list[str], shape: tuple[int, int, int],
                  hparams: dict | None = None):

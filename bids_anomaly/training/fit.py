@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import __version__
 from ..calibration.out_of_fold import calibrate_out_of_fold
+from ..calibration.statmap import csf_weights
 from ..calibration.types import ScoringParams
 from ..core.config import PreprocConfig
 from ..core.templates import TEMPLATE_NAME, load_template
@@ -154,7 +155,9 @@ def fit_bundle(inputs: FitInputs, dest: Path,
         return _reloaded(model), history
 
     # Out-of-fold residuals: each healthy scan reconstructed by a model that never saw it.
-    residuals, masks, owners, folds, example = [], [], [], [], None
+    residuals, masks, owners, weights, folds, example = [], [], [], [], [], None
+    params = ScoringParams(**{**DEFAULT_SCORING, **cls.scoring_defaults,
+                              **(inputs.scoring or {})})
     for k, split in enumerate(plan):
         LOG.info("Fold %d/%d: fitting %s on %d participants; epoch chosen on %s; "
                  "calibrating on %d", k + 1, len(plan), inputs.model_type, len(split.fit),
@@ -168,15 +171,15 @@ def fit_bundle(inputs: FitInputs, dest: Path,
                 residuals.append(v - recon)
                 masks.append(m)
                 owners.append(s)
+                weights.append(csf_weights(v, m, params))
                 if example is None:
                     example = (v, recon, m)
         folds.append({**asdict(split), "best_epoch": history_k.get("best_epoch"),
                       "best_val_loss": history_k.get("best_val_loss"),
                       "epochs_run": len(history_k.get("history", []))})
         del model_k
-    scoring = {**DEFAULT_SCORING, **(inputs.scoring or {})}
-    calib = calibrate_out_of_fold(residuals, masks, ScoringParams(**scoring),
-                                  participants=owners)
+    calib = calibrate_out_of_fold(residuals, masks, params, participants=owners,
+                                  weights=weights)
     del residuals
     reference = calib.reference
     if reference["level"] != "ok":

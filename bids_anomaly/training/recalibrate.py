@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..calibration.out_of_fold import calibrate_out_of_fold
+from ..calibration.statmap import csf_weights
 from ..models.bundle import CARD, Bundle, save_bundle, sha256
 from ..preprocessing.pipeline import PreprocResult, load_volume
 from ..preprocessing.standardise import standardise
@@ -38,14 +39,16 @@ def recalibrate_bundle(bundle: Bundle, scans: list[ReferenceScan], dest: Path, d
     if not scans:
         raise ValueError("calibrate needs at least one healthy scan")
     contrasts = list(bundle.model_card.contrasts)
-    residuals, masks = [], []
+    residuals, masks, weights = [], [], []
+    params = bundle.calibration.params
     for scan in scans:
         pre = PreprocResult.load(Path(scan.preproc_json))
         volume, brain = load_volume(pre, contrasts)
         volume = standardise(volume, brain, bundle.model_card.standardisation, contrasts)
         residuals.append(volume - bundle.model.reconstruct(volume, brain, device=device))
         masks.append(brain)
-    calib = calibrate_out_of_fold(residuals, masks, bundle.calibration.params,
+        weights.append(csf_weights(volume, brain, params))
+    calib = calibrate_out_of_fold(residuals, masks, params, weights=weights,
                                   fprs=tuple(bundle.calibration.thresholds),
                                   default_fpr=bundle.calibration.default_fpr,
                                   participants=[s.participant for s in scans])
