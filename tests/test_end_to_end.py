@@ -144,6 +144,13 @@ def test_sidecars_record_model_and_threshold(pipeline):
     assert 0.0 <= side["ObservedFPR"] <= 0.001 and side["ObservedFPRScans"] >= 2
     assert side["Model"]["Name"] == "dae" and len(side["Model"]["SHA256"]) == 64
     assert side["Sources"][0].startswith("bids:raw:sub-p01/anat/")
+    # The statmaps say how they were computed: both models' defaults weigh CSF-dark voxels
+    # at half and remove the z-map's slowly varying part.
+    for root in (out, pipeline["zout"]):
+        stat = json.loads(next(root.glob("sub-p01/anat/sub-p01_stat-anomaly_statmap.json"))
+                          .read_text())
+        assert stat["Scoring"]["csf_weight"] == 0.5
+        assert stat["Scoring"]["local_baseline_sigma"] == 8.0
 
 
 def test_native_maps_on_input_grid(pipeline):

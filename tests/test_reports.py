@@ -111,7 +111,9 @@ def out_dir(tmp_path_factory) -> Path:
     tpl = load_template(2)
     rng = np.random.default_rng(0)
     k1, k2 = ScanKey("01", "1"), ScanKey("01", "2")
-    _write_scan(out, tpl, k1, True, rng, score=3.217, percentile=99.4, flagged=True)
+    _write_scan(out, tpl, k1, True, rng, score=3.217, percentile=99.4, flagged=True,
+                scoring={"csf_weight": 0.5, "csf_quantile": 0.1, "csf_sigma": 15.0,
+                         "local_baseline_sigma": 8.0})
     # ses-1's native input and brain mask: the QC contour is drawn on them.
     _write_native(tmp_path_factory.mktemp("raw"), out, k1)
     _write_scan(out, tpl, k2, False, rng, score=0.8123, percentile=42.5, flagged=False)
@@ -165,7 +167,11 @@ def test_participant_report_content(out_dir: Path, reports: dict[str, str]) -> N
     assert (out_dir / "sub-01.html").stat().st_size < 5 * 1024 * 1024
     for needle in ("sub-01_ses-1", "sub-01_ses-2", "3.217", "99.4", "0.8123", "42.5",
                    "FLAGGED", "normal", "normal ageing", "dae-ixi", "IXI",
-                   "bids-anomaly /data /out participant", "2024-05-01T12:00:00", "torch 2.13.0"):
+                   "bids-anomaly /data /out participant", "2024-05-01T12:00:00", "torch 2.13.0",
+                   # How the statmap treats CSF-dark voxels (zscore bundles weigh them at half).
+                   "CSF-dark voxels in the statmap",
+                   "weighted ×0.5 (the darkest 10% of the brain, relative to the local level)",
+                   "removed (a Gaussian of 8 voxels)"):
         assert needle in text, needle
     # Cluster table values (numbers shown with at most 2 decimals).
     for needle in ("1256", "7.53", "5.91", "-24.5", "right", "left", "centroid_x"):

@@ -186,3 +186,44 @@ def test_csf_dark_voxels_count_at_their_weight_in_calibration_and_scoring():
     assert res.statmap[1, 5:9, 5:9].mean() < 0.6 * raw.statmap[1, 5:9, 5:9].mean()
     assert res.statmap[12, 5:9, 5:9].mean() == pytest.approx(raw.statmap[12, 5:9, 5:9].mean(),
                                                              rel=0.05)
+
+
+def test_local_baseline_quiets_smooth_shading_and_keeps_a_sharp_lesion():
+    """A slowly varying residual (shading that N4 left behind, a gentle intensity ramp across
+    the head) is not an anomaly: with the local baseline it stays within 2x the nominal rate,
+    without it the mask fills; a sharp lesion scores as before."""
+    from bids_anomaly.calibration.out_of_fold import calibrate_out_of_fold
+    from bids_anomaly.inference.scoring import score_volume
+
+    rng = np.random.default_rng(7)
+    shape = (32, 32, 32)
+    brain = np.ones(shape, bool)
+    tissue = np.ones(shape, np.float32)
+
+    class Healthy:  # reconstructs every scan as the unshaded anatomy
+        contrasts = ["T1w"]
+
+        def reconstruct(self, volume, mask, device="cpu"):
+            return tissue[None].copy()
+
+    def scan():
+        return (tissue + 0.05 * rng.standard_normal(shape)).astype(np.float32)[None]
+
+    shade = (1 + 0.05 * np.cos(np.pi * np.indices(shape)[0] / 31)).astype(np.float32)
+    healthy = [scan() for _ in range(12)]
+    lesion = scan()
+    lesion[0, 12:16, 12:16, 12:16] -= 0.5
+    shaded = [scan() * shade for _ in range(4)]
+    rates, lesion_z = {}, {}
+    for sigma in (0.0, 4.0):
+        params = ScoringParams(erosion=0, median_size=1, min_cluster_voxels=1,
+                               local_baseline_sigma=sigma)
+        cal = calibrate_out_of_fold([v - tissue[None] for v in healthy], [brain] * 12, params)
+        rates[sigma] = np.mean([score_volume(Healthy(), v, brain, cal, np.eye(4)).mask.mean()
+                                for v in shaded])
+        res = score_volume(Healthy(), lesion, brain, cal, np.eye(4))
+        assert res.mask[12:16, 12:16, 12:16].all()
+        lesion_z[sigma] = res.statmap[12:16, 12:16, 12:16].mean()
+    nominal = float(cal.default_fpr)
+    assert rates[4.0] <= 2 * nominal < rates[0.0] / 1.5
+    assert lesion_z[4.0] == pytest.approx(lesion_z[0.0], rel=0.05)

@@ -52,14 +52,16 @@ def test_filters_match_scipy(sigma):
                                    ndimage.gaussian_filter(x, sigma), atol=1e-5)
 
 
-@pytest.mark.parametrize("smooth,baseline,csf", [(1.0, True, 1.0), (0.0, False, 1.0),
-                                                (2.0, True, 1.0), (1.0, True, 0.5)])
-def test_torch_backend_gives_the_scipy_statmap(smooth, baseline, csf):
+@pytest.mark.parametrize("smooth,baseline,csf,local", [
+    (1.0, True, 1.0, 0.0), (0.0, False, 1.0, 0.0), (2.0, True, 1.0, 0.0), (1.0, True, 0.5, 0.0),
+    (1.0, True, 0.5, 4.0)])
+def test_torch_backend_gives_the_scipy_statmap(smooth, baseline, csf, local):
     """Same statmap (to float32 rounding), the same mask and scan score on either backend."""
     rng = np.random.default_rng(3)
     brain = _brain()
     params = ScoringParams(erosion=2, median_size=3, min_cluster_voxels=8,
-                           scan_baseline=baseline, smooth_sigma=smooth, csf_weight=csf)
+                           scan_baseline=baseline, smooth_sigma=smooth, csf_weight=csf,
+                           local_baseline_sigma=local)
     fit = [_scan(rng, brain) for _ in range(6)]
     held = [_scan(rng, brain) for _ in range(4)]
     cal = calibrate(_Smooth(), held, [brain] * 4, params, normative_volumes=fit,

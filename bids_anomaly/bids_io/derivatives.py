@@ -116,6 +116,8 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
         "Thresholds": thresholds,
         "DefaultFPR": summary["default_fpr"],
     }
+    if summary.get("scoring"):
+        stat_meta["Scoring"] = summary["scoring"]
     put(files["template_statmap"], out.template_statmap,
         {**stat_meta, "SpatialReference": out.space})
     put(files["native_statmap"], out.native_statmap, stat_meta)
@@ -163,6 +165,7 @@ def sink_scan(output_dir: Path, key: ScanKey, files: dict, preproc: dict, bids_d
                                            "healthy_scores", "model")})
     record["voxel_threshold"] = summary["threshold"]
     record["observed_mask_fpr"] = summary.get("observed_mask_fpr")
+    record["scoring"] = summary.get("scoring")
     record["reference"] = summary.get("reference")
     role = reference_role(model.get("reference_scans") or {}, Path(sources["T1w"]), bids_dir,
                           key.subject)

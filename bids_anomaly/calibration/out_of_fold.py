@@ -8,6 +8,7 @@ from .statmap import (
     anomaly_map,
     csf_weights,
     fit_normative,
+    local_baseline,
     normative_from_sums,
     postprocess,
     residual_sums,
@@ -63,7 +64,8 @@ def calibrate(model, volumes: list[np.ndarray], masks: list[np.ndarray],
     anomalies = []
     for vol, msk in zip(volumes, masks):
         weights = csf_weights(vol, msk, params) if normative is not None else None
-        _, raw = anomaly_map(model, vol, msk, normative, device=device, weights=weights)
+        _, raw = anomaly_map(model, vol, msk, normative, device=device, weights=weights,
+                             local_sigma=params.local_baseline_sigma)
         anomalies.append(postprocess(raw, msk, params))
     pooled = np.concatenate([a[e] for a, e in anomalies])
     if normative is None:
@@ -126,11 +128,14 @@ def calibrate_out_of_fold(residuals: list[np.ndarray], masks: list[np.ndarray],
 
     spread = None
     if params.scan_baseline:  # the reference's typical per-scan spread of z
-        spreads = [robust_spread(own_maps(r, m).z(r), m)[1] for r, m in pairs]
+        spreads = [robust_spread(local_baseline(own_maps(r, m).z(r), m,
+                                                params.local_baseline_sigma), m)[1]
+                   for r, m in pairs]
         spread = [float(v) for v in np.median(np.stack(spreads), axis=0)]
     statmaps = []
     for (res, msk), w in zip(pairs, weights or [None] * len(pairs), strict=True):
-        raw = statmap_from_residual(res, msk, own_maps(res, msk), spread, w)
+        raw = statmap_from_residual(res, msk, own_maps(res, msk), spread, w,
+                                    params.local_baseline_sigma)
         a, e = postprocess(raw, msk, params)
         statmaps.append((to_statmap(a, e, 0.0, 1.0), e))
     pooled = np.concatenate([s[e] for s, e in statmaps])

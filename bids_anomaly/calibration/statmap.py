@@ -61,7 +61,8 @@ def normative_from_sums(total: np.ndarray, total_sq: np.ndarray, count: np.ndarr
 
 def anomaly_map(model, volume: np.ndarray, brain: np.ndarray, normative: NormativeMaps | None,
                 device: str = "cpu", scan_spread: list[float] | None = None,
-                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                weights: np.ndarray | None = None, local_sigma: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Reconstruction and raw anomaly map (X, Y, Z).
 
     With normative maps: the mean over contrasts of |z| of the signed residual
@@ -71,21 +72,40 @@ def anomaly_map(model, volume: np.ndarray, brain: np.ndarray, normative: Normati
     if normative is None:
         return model.residual(volume, brain, device=device)
     recon = model.reconstruct(volume, brain, device=device)
-    return recon, statmap_from_residual(volume - recon, brain, normative, scan_spread, weights)
+    return recon, statmap_from_residual(volume - recon, brain, normative, scan_spread, weights,
+                                        local_sigma)
 
 
 def statmap_from_residual(residual: np.ndarray, brain: np.ndarray, normative: NormativeMaps,
                           scan_spread: list[float] | None = None,
-                          weights: np.ndarray | None = None) -> np.ndarray:
+                          weights: np.ndarray | None = None, local_sigma: float = 0.0
+                          ) -> np.ndarray:
     """Mean over contrasts of |z| of a signed residual (X, Y, Z), times ``weights`` when
     given, 0 outside the brain."""
-    z = normative.z(residual)
+    z = local_baseline(normative.z(residual), brain, local_sigma)
     if scan_spread is not None:
         z = scan_baseline(z, brain, scan_spread)
     raw = np.abs(z).mean(axis=0) * brain
     if weights is not None:
         raw = raw * weights
     return raw.astype(np.float32)
+
+
+# |z| above which a voxel stops pulling the local baseline (:func:`local_baseline`).
+LOCAL_BASELINE_CLIP = 1.0
+
+
+def local_baseline(z: np.ndarray, brain: np.ndarray, sigma: float,
+                   clip: float = LOCAL_BASELINE_CLIP) -> np.ndarray:
+    """Subtract the slowly varying part of a signed z-map (C, X, Y, Z): per contrast, a
+    Gaussian of ``sigma`` voxels inside the brain of z clipped to ±``clip``. Shading left by
+    N4 shows as a smooth signed residual; a lesion, clipped, moves the local level little.
+    ``sigma`` 0: unchanged."""
+    if sigma <= 0:
+        return z
+    inside = brain.astype(bool)
+    return np.stack([c - _masked_smooth(np.clip(c, -clip, clip), inside, sigma)
+                     for c in z]).astype(np.float32)
 
 
 def csf_weights(volume: np.ndarray, brain: np.ndarray, params: ScoringParams

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .statmap import LOCAL_BASELINE_CLIP
 from .types import NormativeMaps, ScoringParams
 
 
@@ -77,11 +78,20 @@ def _median(v: torch.Tensor) -> torch.Tensor:
 
 def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
             normative: NormativeMaps, scan_spread: list[float] | None,
-            weights: torch.Tensor | None = None) -> torch.Tensor:
+            weights: torch.Tensor | None = None, local_sigma: float = 0.0) -> torch.Tensor:
     """:func:`.statmap.statmap_from_residual` of ``volume - recon`` (C, X, Y, Z)."""
     mean = torch.as_tensor(normative.mean, device=volume.device)
     sd = torch.as_tensor(normative.sd, device=volume.device)
     z = (volume - recon - mean) / sd
+    if local_sigma > 0:  # statmap.local_baseline
+        inside = brain.bool()
+        w = inside.float()
+        den = gaussian_filter(w, local_sigma).clamp(min=1e-6)
+        for c in range(z.shape[0]):
+            clipped = z[c].clamp(-LOCAL_BASELINE_CLIP, LOCAL_BASELINE_CLIP) * w
+            low = torch.where(inside, gaussian_filter(clipped, local_sigma) / den,
+                              torch.zeros_like(den))
+            z[c] = z[c] - low
     if scan_spread is not None:
         ref = torch.as_tensor(np.asarray(scan_spread, np.float64), device=volume.device)
         for c in range(z.shape[0]):

@@ -61,6 +61,8 @@ class ScoringParams:
     csf_weight: float = 1.0
     csf_quantile: float = 0.1
     csf_sigma: float = 15.0
+    # Signed z minus its slowly varying part (:func:`~.statmap.local_baseline`), voxels; 0 off.
+    local_baseline_sigma: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

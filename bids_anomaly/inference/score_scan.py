@@ -88,6 +88,8 @@ def score_preprocessed(preproc_json: str, bundle_dir: str, out_dir: Path, device
         "mask_fpr": bundle.calibration.mask_fpr,
         "observed_mask_fpr": bundle.calibration.mask_fpr.get(bundle.calibration.default_fpr),
         "min_cluster_voxels": bundle.calibration.params.min_cluster_voxels,
+        # How the statmap was computed (CSF weighting, smoothing, ...): the bundle's choice.
+        "scoring": bundle.calibration.params.to_dict(),
         "reference": {**bundle.calibration.reference,
                       "cohort": reference_cohort(bundle.card)},  # the JSON sections
         "n_clusters": int(len(result.clusters)),

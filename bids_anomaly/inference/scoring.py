@@ -116,7 +116,8 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
                                                    weights)
     else:
         recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
-                                 scan_spread=spread, weights=weights)
+                                 scan_spread=spread, weights=weights,
+                                 local_sigma=calib.params.local_baseline_sigma)
         anomaly, eroded = postprocess(raw, brain, calib.params)
         statmap = to_statmap(anomaly, eroded, calib.mu, calib.sd)
         score = scan_score(statmap, eroded, calib.params.top_fraction)
@@ -144,7 +145,8 @@ def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Cali
         rec = torch.as_tensor(recon, dtype=torch.float32, device=device)
         b = torch.as_tensor(np.asarray(brain, bool), device=device)
         w = None if weights is None else torch.as_tensor(weights, device=device)
-        raw = st.raw_map(vol, rec, b, calib.normative, spread, w)
+        raw = st.raw_map(vol, rec, b, calib.normative, spread, w,
+                         calib.params.local_baseline_sigma)
         anomaly, eroded = st.postprocess(raw, b, calib.params)
         sd = calib.sd if calib.sd > 0 else 1.0
         statmap = torch.where(eroded, (anomaly - calib.mu) / sd, torch.zeros_like(anomaly))

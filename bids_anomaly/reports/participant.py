@@ -138,6 +138,26 @@ def _cohort(cohort: object) -> str:
             + (f" ({n} participants)" if n is not None else ""))
 
 
+def _csf_weighting(scoring: object) -> str:
+    """The statmap's CSF weighting in words (records written before it was recorded: n/a)."""
+    if not isinstance(scoring, dict) or to_float(scoring.get("csf_weight")) is None:
+        return NA
+    weight = to_float(scoring["csf_weight"])
+    if weight == 1.0:
+        return "full weight"
+    quantile = to_float(scoring.get("csf_quantile"))
+    share = f"the darkest {fmt_num(100 * quantile, 0)}% of the brain" if quantile else "CSF"
+    return f"weighted ×{fmt_num(weight, 2)} ({share}, relative to the local level)"
+
+
+def _local_baseline(scoring: object) -> str:
+    """Whether the statmap's local baseline removed shading, in words."""
+    sigma = to_float(scoring.get("local_baseline_sigma")) if isinstance(scoring, dict) else None
+    if sigma is None:
+        return NA
+    return f"removed (a Gaussian of {fmt_num(sigma, 1)} voxels)" if sigma > 0 else "kept"
+
+
 def _scan_section(output_dir: Path, rec: ScanRecord, level: Level,
                   pngs: dict[Path, bytes]) -> str:
     s = rec.scores
@@ -159,6 +179,8 @@ def _scan_section(output_dir: Path, rec: ScanRecord, level: Level,
         ("healthy reference", _cohort(reference.get("cohort"))),
         ("healthy reference scans (percentile, flag, thresholds)", fmt_num(n_ref, 0)),
         ("voxel threshold (z)", fmt_score(s.get("voxel_threshold", s.get("threshold")))),
+        ("CSF-dark voxels in the statmap", _csf_weighting(s.get("scoring"))),
+        ("slowly varying part of the z-map (shading)", _local_baseline(s.get("scoring"))),
         ("voxel false-positive rate (nominal, before the cluster filter)",
          fmt_num(s.get("default_fpr"), 6)),
         ("mask false-positive rate observed on the healthy reference",
