@@ -46,8 +46,15 @@ BIDS_NAMES = [
 #                               below catches it.
 #   (2 epochs, as this fixture trained before: AUPRC 0.535 / 0.216 / 0.059: too unstable for a
 #   floor; 10 epochs cost about 5-15 s more of fitting on 2 cores.)
-DAE_MIN_AUPRC = 0.5
-DAE_MIN_SCAN_AUPRC = 0.4
+# Re-measured at 36395f3 (seed 0, deterministic across two runs): 0.654 (per scan 0.662 /
+# 0.769) with the dae's scoring of before, 0.463 (0.680 / 0.429) with its scoring defaults
+# now (CSF-dark voxels at half weight and the local baseline). The synthetic anatomy's CSF
+# barely varies between subjects, so the weighting has no false positives to remove here and
+# costs the dark lesions (T1w x 0.4-0.7, as dark as CSF relative to their surroundings); on
+# real scans it gains (benchmarks/model_search.py: BraTS 0.353 -> 0.416, IXI lesions 0.693 ->
+# 0.714). The floors keep their purpose: a flat map sits at the prevalence (0.008).
+DAE_MIN_AUPRC = 0.35
+DAE_MIN_SCAN_AUPRC = 0.3
 # Mean |input - reconstruction| / mean |input| inside the brain of the healthy test scan:
 # dae as trained here 0.289 / 0.272 / 0.246; zeros 1.0 by definition; the input itself 0.014.
 DAE_MAX_RELATIVE_RECON_ERROR = 0.6

@@ -18,7 +18,7 @@ class ZScoreModel(AnomalyModel):
     # CSF-dark voxels at half weight (benchmarks/model_search.py, zscore+smooth1+csfw05):
     # BraTS AUPRC 0.279 -> 0.323, synthetic IXI lesions 0.611 -> 0.667, NiChart mask
     # FPR 2.8% -> 2.1%, no shifted healthy scan flagged; the signed z's slowly varying part
-    # removed (zscore+smooth1+csfw05+local8): BraTS 0.334, IXI 0.671, NiChart 2.3%.
+    # removed (zscore+smooth1+csfw05+local8, 3 seeds): BraTS 0.335, IXI 0.673, NiChart 2.3%.
     scoring_defaults = {"csf_weight": 0.5, "local_baseline_sigma": 8.0}
 
     def fit(self, volumes, masks, ctx: FitContext) -> dict:
