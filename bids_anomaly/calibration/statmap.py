@@ -80,8 +80,9 @@ def statmap_from_residual(residual: np.ndarray, brain: np.ndarray, normative: No
                           scan_spread: list[float] | None = None,
                           weights: np.ndarray | None = None, local_sigma: float = 0.0
                           ) -> np.ndarray:
-    """Mean over contrasts of |z| of a signed residual (X, Y, Z), times ``weights`` when
-    given, 0 outside the brain."""
+    """Mean over contrasts of |z| of a signed residual (X, Y, Z): z less its slowly varying
+    part (:func:`local_baseline`, ``local_sigma`` > 0), then :func:`scan_baseline` when
+    ``scan_spread`` is given; times ``weights`` when given, 0 outside the brain."""
     z = local_baseline(normative.z(residual), brain, local_sigma)
     if scan_spread is not None:
         z = scan_baseline(z, brain, scan_spread)
