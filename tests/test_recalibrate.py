@@ -193,4 +193,5 @@ def test_zscore_bundles_weigh_csf_dark_voxels_and_calibrate_keeps_the_weighting(
         assert b.calibration.params.csf_quantile == 0.1
     for b in (with_baseline, new_default):
         assert b.calibration.params.local_baseline_sigma == 8.0
+        assert b.calibration.params.csf_level == 0.4
     assert new.calibration.params.local_baseline_sigma == 0.0  # as its parent bundle chose

@@ -112,8 +112,8 @@ def out_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     k1, k2 = ScanKey("01", "1"), ScanKey("01", "2")
     _write_scan(out, tpl, k1, True, rng, score=3.217, percentile=99.4, flagged=True,
-                scoring={"csf_weight": 0.5, "csf_quantile": 0.1, "csf_sigma": 15.0,
-                         "local_baseline_sigma": 8.0})
+                scoring={"csf_weight": 0.5, "csf_quantile": 0.1, "csf_level": 0.4,
+                         "csf_sigma": 15.0, "local_baseline_sigma": 8.0})
     # ses-1's native input and brain mask: the QC contour is drawn on them.
     _write_native(tmp_path_factory.mktemp("raw"), out, k1)
     _write_scan(out, tpl, k2, False, rng, score=0.8123, percentile=42.5, flagged=False)
@@ -170,7 +170,7 @@ def test_participant_report_content(out_dir: Path, reports: dict[str, str]) -> N
                    "bids-anomaly /data /out participant", "2024-05-01T12:00:00", "torch 2.13.0",
                    # How the statmap treats CSF-dark voxels (zscore bundles weigh them at half).
                    "CSF-dark voxels in the statmap",
-                   "weighted ×0.5 (the darkest 10% of the brain, relative to the local level)",
+                   "weighted ×0.5 (below 0.4 of the local level)",
                    "removed (a Gaussian of 8 voxels)"):
         assert needle in text, needle
     # Cluster table values (numbers shown with at most 2 decimals).
@@ -484,6 +484,19 @@ def test_participant_overlay_toggle(reports: dict[str, str], out_dir: Path,
                                     tmp_path: Path) -> None:
     res = _run_js(out_dir / "sub-01.html", tmp_path)
     assert res["toggle"] == ["img:overlay-sub-01_ses-1", "img:input-sub-01_ses-1-T1w"]
+
+
+def test_csf_weighting_in_words() -> None:
+    """The report's CSF line for a fixed level, a quantile (bundles before the level), off,
+    and a record written before scoring was recorded."""
+    from bids_anomaly.reports.participant import _csf_weighting
+
+    assert _csf_weighting({"csf_weight": 0.5, "csf_quantile": 0.1, "csf_level": 0.0}) == (
+        "weighted ×0.5 (the darkest 10% of the brain, relative to the local level)")
+    assert _csf_weighting({"csf_weight": 0.5, "csf_level": 0.4}) == (
+        "weighted ×0.5 (below 0.4 of the local level)")
+    assert _csf_weighting({"csf_weight": 1.0}) == "full weight"
+    assert _csf_weighting(None) == "n/a"
 
 
 def test_html_helpers() -> None:

@@ -169,6 +169,10 @@ def test_csf_dark_voxels_count_at_their_weight_in_calibration_and_scoring():
     w = csf_weights(scan(), brain, params)
     assert (w == 0.5).mean() == pytest.approx(0.1, abs=0.005)
     assert np.all(w[4:] == 1.0)  # only CSF-dark voxels
+    # By a fixed level: the CSF voxels (1/6 of this brain, about 0.2-0.45 of their local
+    # level) and nothing else, however much CSF there is.
+    level = csf_weights(scan(), brain, ScoringParams(csf_weight=0.5, csf_level=0.4))
+    assert (level[:4] == 0.5).mean() > 0.98 and np.all(level[4:] == 1.0)
 
     healthy = [scan() for _ in range(12)]
     cal = calibrate_out_of_fold([v - tissue[None] for v in healthy], [brain] * 12, params,

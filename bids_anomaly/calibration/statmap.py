@@ -116,10 +116,11 @@ def csf_weights(volume: np.ndarray, brain: np.ndarray, params: ScoringParams
 
     CSF-dark: the first contrast (the T1w) relative to its local brain level (a Gaussian of
     ``csf_sigma`` voxels inside the brain, so residual shading does not pick the darker side
-    of the head) below its own ``csf_quantile`` inside the brain. On a T1w the darkest tenth
-    is CSF: ventricles and sulci, whose size varies with age and atrophy and is displaced by
-    a mass, beyond what a small healthy reference covers. A lesion as dark as CSF is
-    down-weighted too, but not removed."""
+    of the head) below ``csf_level`` of that level, or (``csf_level`` 0) below its own
+    ``csf_quantile`` inside the brain. On a T1w that is CSF (0.4 of the local level is about
+    the darkest tenth of an adult brain): ventricles and sulci, whose size varies with age and
+    atrophy and is displaced by a mass, beyond what a small healthy reference covers. A lesion
+    as dark as CSF is down-weighted too, but not removed."""
     if params.csf_weight == 1.0:
         return None
     inside = brain.astype(bool)
@@ -130,7 +131,8 @@ def csf_weights(volume: np.ndarray, brain: np.ndarray, params: ScoringParams
     local = ndimage.gaussian_filter(t1 * w, params.csf_sigma) / np.maximum(
         ndimage.gaussian_filter(w, params.csf_sigma), 1e-6)
     rel = t1 / np.maximum(local, 1e-6)
-    level = np.quantile(rel[inside], params.csf_quantile)
+    level = (params.csf_level if params.csf_level > 0
+             else np.quantile(rel[inside], params.csf_quantile))
     return np.where(inside & (rel < level), params.csf_weight, 1.0).astype(np.float32)
 
 

@@ -61,6 +61,10 @@ class ScoringParams:
     csf_weight: float = 1.0
     csf_quantile: float = 0.1
     csf_sigma: float = 15.0
+    # CSF-dark by a fixed level instead: below ``csf_level`` of the local level (0: by
+    # ``csf_quantile``). It follows how much CSF a scan has, so a brain with little CSF does
+    # not lend the weighting to its dark lesions.
+    csf_level: float = 0.0
     # Signed z minus its slowly varying part (:func:`~.statmap.local_baseline`), voxels; 0 off.
     local_baseline_sigma: float = 0.0
 

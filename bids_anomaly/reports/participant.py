@@ -145,7 +145,9 @@ def _csf_weighting(scoring: object) -> str:
     weight = to_float(scoring["csf_weight"])
     if weight == 1.0:
         return "full weight"
-    quantile = to_float(scoring.get("csf_quantile"))
+    level, quantile = to_float(scoring.get("csf_level")), to_float(scoring.get("csf_quantile"))
+    if level:
+        return f"weighted ×{fmt_num(weight, 2)} (below {fmt_num(level, 2)} of the local level)"
     share = f"the darkest {fmt_num(100 * quantile, 0)}% of the brain" if quantile else "CSF"
     return f"weighted ×{fmt_num(weight, 2)} ({share}, relative to the local level)"
 
