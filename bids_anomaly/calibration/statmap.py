@@ -66,7 +66,7 @@ def anomaly_map(model, volume: np.ndarray, brain: np.ndarray, normative: Normati
     """Reconstruction and raw anomaly map (X, Y, Z).
 
     With normative maps: the mean over contrasts of |z| of the signed residual
-    ``volume - reconstruction`` (after :func:`scan_baseline` when ``scan_spread`` is given),
+    ``volume - reconstruction`` (:func:`statmap_from_residual`: local and per-scan baselines),
     times ``weights`` (:func:`csf_weights`) when given; without (older bundles): the model's
     own residual."""
     if normative is None:

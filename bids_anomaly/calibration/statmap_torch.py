@@ -76,6 +76,15 @@ def _median(v: torch.Tensor) -> torch.Tensor:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+def _masked_smooth(values: torch.Tensor, inside: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`.statmap._masked_smooth`: a Gaussian within ``inside`` (normalised
+    convolution), 0 outside."""
+    w = inside.float()
+    num = gaussian_filter(values * w, sigma)
+    den = gaussian_filter(w, sigma)
+    return torch.where(inside, num / den.clamp(min=1e-6), torch.zeros_like(values))
+
+
 def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
             normative: NormativeMaps, scan_spread: list[float] | None,
             weights: torch.Tensor | None = None, local_sigma: float = 0.0) -> torch.Tensor:
@@ -84,14 +93,9 @@ def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
     sd = torch.as_tensor(normative.sd, device=volume.device)
     z = (volume - recon - mean) / sd
     if local_sigma > 0:  # statmap.local_baseline
-        inside = brain.bool()
-        w = inside.float()
-        den = gaussian_filter(w, local_sigma).clamp(min=1e-6)
         for c in range(z.shape[0]):
-            clipped = z[c].clamp(-LOCAL_BASELINE_CLIP, LOCAL_BASELINE_CLIP) * w
-            low = torch.where(inside, gaussian_filter(clipped, local_sigma) / den,
-                              torch.zeros_like(den))
-            z[c] = z[c] - low
+            clipped = z[c].clamp(-LOCAL_BASELINE_CLIP, LOCAL_BASELINE_CLIP)
+            z[c] = z[c] - _masked_smooth(clipped, brain.bool(), local_sigma)
     if scan_spread is not None:
         ref = torch.as_tensor(np.asarray(scan_spread, np.float64), device=volume.device)
         for c in range(z.shape[0]):
@@ -116,10 +120,7 @@ def postprocess(raw: torch.Tensor, brain: torch.Tensor, params: ScoringParams
     elif params.median_size > 1:
         raise ValueError(f"median_size {params.median_size}: only 3 is implemented on the GPU")
     if params.smooth_sigma > 0:
-        w = eroded.float()
-        num = gaussian_filter(out * w, params.smooth_sigma)
-        den = gaussian_filter(w, params.smooth_sigma)
-        out = torch.where(eroded, num / den.clamp(min=1e-6), torch.zeros_like(out))
+        out = _masked_smooth(out, eroded, params.smooth_sigma)
     return out * eroded, eroded
 
 
