@@ -20,42 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-import nibabel as nb
 import numpy as np
 from _common import DATA, print_table
-from model_search import CACHE, run
-
-
-def wmh_in_template(cache: Path, subject: str) -> np.ndarray:
-    """The subject's DLWMLS mask on the template grid (cached beside its preprocessing)."""
-    from bids_anomaly.core.templates import load_template
-    from bids_anomaly.preprocessing.pipeline import PreprocResult
-    from bids_anomaly.preprocessing.registration import to_template
-
-    out = cache / "preproc" / "nichart" / subject
-    path = out / "wmh.nii.gz"
-    if not path.exists():
-        import ants
-
-        res = PreprocResult.load(out / "preproc.json")
-        anat = DATA / "nichart" / f"sub-{subject}" / "anat"
-        label = (DATA / "nichart" / "derivatives" / "dlwmls" / f"sub-{subject}" / "anat"
-                 / f"sub-{subject}_label-lesion_mask.nii.gz")
-        work = out / "wmh_tmp"
-        work.mkdir(exist_ok=True)
-        fixed = ants.image_read(res.native_ref)
-        flair = ants.image_read(str(anat / f"sub-{subject}_FLAIR.nii.gz"))
-        reg = ants.registration(fixed=fixed, moving=flair, type_of_transform="Rigid",
-                                outprefix=str(work / "flair2t1_"), random_seed=0)
-        template = load_template(2)
-        data = to_template(nb.load(label), template, [res.xfm, *reg["fwdtransforms"]], work,
-                           "linear")
-        nb.save(nb.Nifti1Image((data > 0.5).astype(np.uint8), template.affine), path)
-        shutil.rmtree(work, ignore_errors=True)
-    return np.asarray(nb.load(path).dataobj) > 0
+from model_search import CACHE, run, wmh_in_template
 
 
 def measure(cache: Path, config: str, seed: int, n_calib: int) -> list[dict]:
