@@ -78,6 +78,26 @@ def test_torch_backend_gives_the_scipy_statmap(smooth, baseline, csf, local):
             assert ref.mask[18:24, 20:26, 15:20].any()
 
 
+@pytest.mark.parametrize("level", [0.4, 0.0])
+def test_csf_weights_match_scipy(level):
+    """The CSF-dark weights the GPU path computes for itself are the CPU's: by the fixed
+    level and by the quantile, on a brain narrower than the Gaussian (scipy reflects again
+    and again at the faces)."""
+    from bids_anomaly.calibration.statmap import csf_weights
+
+    rng = np.random.default_rng(5)
+    brain = _brain()
+    vol = _scan(rng, brain)
+    vol[0, 16:24, 18:26, 14:22] *= 0.3  # a ventricle: darker than 0.4 of the local level
+    params = ScoringParams(csf_weight=0.5, csf_level=level)
+    ref = csf_weights(vol, brain, params)
+    got = st.csf_weights(torch.from_numpy(vol), torch.from_numpy(brain), params).numpy()
+    assert (ref == 0.5).sum() > 100
+    assert np.mean(got != ref) < 1e-4  # a voxel exactly on the level may flip
+    assert st.csf_weights(torch.from_numpy(vol), torch.from_numpy(brain),
+                          ScoringParams(csf_weight=1.0)) is None
+
+
 def test_auto_backend_is_numpy_on_the_cpu():
     rng = np.random.default_rng(4)
     brain = _brain()

@@ -23,10 +23,9 @@ def _reflect_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     if r == 0:
         return x
     n = x.shape[dim]
-    if r > n:  # longer than the axis: scipy folds again; clamp the index instead (rare)
-        idx = torch.arange(-r, n + r, device=x.device)
-        idx = torch.where(idx < 0, -idx - 1, idx)
-        idx = torch.where(idx >= n, 2 * n - idx - 1, idx).clamp(0, n - 1)
+    if r > n:  # longer than the axis: scipy reflects again and again (period 2n)
+        idx = torch.remainder(torch.arange(-r, n + r, device=x.device), 2 * n)
+        idx = torch.where(idx >= n, 2 * n - 1 - idx, idx)
         return x.index_select(dim, idx)
     left = x.narrow(dim, 0, r).flip(dim)
     right = x.narrow(dim, n - r, r).flip(dim)
@@ -83,6 +82,26 @@ def _masked_smooth(values: torch.Tensor, inside: torch.Tensor, sigma: float) -> 
     num = gaussian_filter(values * w, sigma)
     den = gaussian_filter(w, sigma)
     return torch.where(inside, num / den.clamp(min=1e-6), torch.zeros_like(values))
+
+
+def csf_weights(volume: torch.Tensor, brain: torch.Tensor, params: ScoringParams
+                ) -> torch.Tensor | None:
+    """:func:`.statmap.csf_weights` on the volume's device (the two wide Gaussians that find
+    the local level are most of the CPU cost of scoring a 2 mm scan)."""
+    if params.csf_weight == 1.0:
+        return None
+    inside = brain.bool()
+    if not bool(inside.any()):
+        return None
+    t1 = volume[0].float()
+    w = inside.float()
+    local = gaussian_filter(t1 * w, params.csf_sigma) / gaussian_filter(
+        w, params.csf_sigma).clamp(min=1e-6)
+    rel = t1 / local.clamp(min=1e-6)
+    level = (params.csf_level if params.csf_level > 0
+             else float(torch.quantile(rel[inside].double(), params.csf_quantile)))
+    one = torch.ones_like(t1)
+    return torch.where(inside & (rel < level), one * params.csf_weight, one)
 
 
 def raw_map(volume: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,

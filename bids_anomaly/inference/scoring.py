@@ -110,11 +110,11 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
         backend = ("torch" if str(device).startswith("cuda") and calib.normative is not None
                    and calib.params.median_size in (1, 3) else "numpy")
     thr = float(calib.thresholds[calib.default_fpr])
-    weights = csf_weights(volume, brain, calib.params) if calib.normative is not None else None
     if backend == "torch":
-        recon, statmap, score = _statmap_on_device(model, volume, brain, calib, spread, device,
-                                                   weights)
+        recon, statmap, score = _statmap_on_device(model, volume, brain, calib, spread, device)
     else:
+        weights = csf_weights(volume, brain, calib.params) if calib.normative is not None \
+            else None
         recon, raw = anomaly_map(model, volume, brain, calib.normative, device=device,
                                  scan_spread=spread, weights=weights,
                                  local_sigma=calib.params.local_baseline_sigma)
@@ -129,8 +129,7 @@ def score_volume(model, volume: np.ndarray, brain: np.ndarray, calib: Calibratio
 
 
 def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Calibration,
-                       spread: list[float] | None, device: str,
-                       weights: np.ndarray | None = None
+                       spread: list[float] | None, device: str
                        ) -> tuple[np.ndarray, np.ndarray, float]:
     """(reconstruction, statmap, scan score) with the post-processing on ``device``."""
     import torch
@@ -144,7 +143,7 @@ def _statmap_on_device(model, volume: np.ndarray, brain: np.ndarray, calib: Cali
         vol = torch.as_tensor(volume, dtype=torch.float32, device=device)
         rec = torch.as_tensor(recon, dtype=torch.float32, device=device)
         b = torch.as_tensor(np.asarray(brain, bool), device=device)
-        w = None if weights is None else torch.as_tensor(weights, device=device)
+        w = st.csf_weights(vol, b, calib.params)
         raw = st.raw_map(vol, rec, b, calib.normative, spread, w,
                          calib.params.local_baseline_sigma)
         anomaly, eroded = st.postprocess(raw, b, calib.params)
