@@ -153,6 +153,11 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                                                      "local_baseline_sigma": 8.0}),
     "zscore+smooth1+csfw05+local8": ("zscore", {}, {"smooth_sigma": 1.0, "csf_weight": 0.5,
                                                      "local_baseline_sigma": 8.0}),
+    # The dae's default with CSF-dark voxels at three quarters instead of half.
+    "dae+ctx1+bias3+csfl04w075+local8": ("dae", {**DAE, "infer_draws": 4, "context": 1,
+                                                 "aug_bias": 0.3},
+                                         {"smooth_sigma": 1.0, "csf_weight": 0.75,
+                                          "csf_level": 0.4, "local_baseline_sigma": 8.0}),
     # The default one level deeper (bottleneck at 1/16 instead of 1/8).
     "dae+ctx1+bias3+deep5": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                      "channels": [16, 32, 64, 128, 256],
