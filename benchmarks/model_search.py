@@ -236,6 +236,10 @@ def prepare(cache: Path, procs: int) -> None:
             print(msg, flush=True)
 
 
+def _wmh_path(cache: Path, subject: str) -> Path:
+    return cache / "preproc" / "nichart" / subject / "wmh.nii.gz"
+
+
 def wmh_in_template(cache: Path, subject: str) -> np.ndarray:
     """NiChart's WMH mask (DLWMLS, on the FLAIR grid) on the template grid: the FLAIR
     registered rigidly to the subject's T1w (ANTs), then the T1w's own transform (cached
@@ -245,7 +249,7 @@ def wmh_in_template(cache: Path, subject: str) -> np.ndarray:
     from bids_anomaly.preprocessing.registration import to_template
 
     out = cache / "preproc" / "nichart" / subject
-    path = out / "wmh.nii.gz"
+    path = _wmh_path(cache, subject)
     if not path.exists():
         import ants
 
@@ -365,10 +369,9 @@ def run(cache: Path, name: str, seed: int, threads: int) -> dict:
         if label is None:
             eroded = ndimage.binary_erosion(brain, iterations=bundle.calibration.params.erosion)
             fpr.setdefault(group, []).append(float(res.mask[eroded].mean()))
-            wmh_path = cache / "preproc" / group / scan / "wmh.nii.gz"
-            if group == "nichart" and wmh_path.exists():  # away from its WMH (3 voxels)
-                away = eroded & ~ndimage.binary_dilation(
-                    np.asarray(nb.load(wmh_path).dataobj) > 0, iterations=3)
+            if group == "nichart" and _wmh_path(cache, scan).exists():  # 3 voxels from WMH
+                away = eroded & ~ndimage.binary_dilation(wmh_in_template(cache, scan),
+                                                         iterations=3)
                 fpr.setdefault("nichart-outside", []).append(float(res.mask[away].mean()))
             flagged.setdefault(group, []).append(bool(res.flagged))
             if res.flagged and group in ("healthy", "shift"):

@@ -127,10 +127,7 @@ def csf_weights(volume: np.ndarray, brain: np.ndarray, params: ScoringParams
     if not inside.any():
         return None
     t1 = volume[0].astype(np.float32)
-    w = inside.astype(np.float32)
-    local = ndimage.gaussian_filter(t1 * w, params.csf_sigma) / np.maximum(
-        ndimage.gaussian_filter(w, params.csf_sigma), 1e-6)
-    rel = t1 / np.maximum(local, 1e-6)
+    rel = t1 / np.maximum(_masked_smooth(t1, inside, params.csf_sigma), 1e-6)
     level = (params.csf_level if params.csf_level > 0
              else np.quantile(rel[inside], params.csf_quantile))
     return np.where(inside & (rel < level), params.csf_weight, 1.0).astype(np.float32)

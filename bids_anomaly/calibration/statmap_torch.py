@@ -94,10 +94,7 @@ def csf_weights(volume: torch.Tensor, brain: torch.Tensor, params: ScoringParams
     if not bool(inside.any()):
         return None
     t1 = volume[0].float()
-    w = inside.float()
-    local = gaussian_filter(t1 * w, params.csf_sigma) / gaussian_filter(
-        w, params.csf_sigma).clamp(min=1e-6)
-    rel = t1 / local.clamp(min=1e-6)
+    rel = t1 / _masked_smooth(t1, inside, params.csf_sigma).clamp(min=1e-6)
     level = (params.csf_level if params.csf_level > 0
              else float(torch.quantile(rel[inside].double(), params.csf_quantile)))
     one = torch.ones_like(t1)
