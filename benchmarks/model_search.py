@@ -158,6 +158,26 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                                                  "aug_bias": 0.3},
                                          {"smooth_sigma": 1.0, "csf_weight": 0.75,
                                           "csf_level": 0.4, "local_baseline_sigma": 8.0}),
+    # The dae's default with three networks, one per slice orientation (axial, coronal,
+    # sagittal), reconstructions averaged; the axial one is the default's own network.
+    "dae+ctx1+bias3+csfl04+local8+views3": ("dae", {**DAE, "infer_draws": 4, "context": 1,
+                                                    "aug_bias": 0.3,
+                                                    "views": ["axial", "coronal", "sagittal"]},
+                                            {"smooth_sigma": 1.0, "csf_weight": 0.5,
+                                             "csf_level": 0.4, "local_baseline_sigma": 8.0}),
+    # The same networks, the views' reconstructions combined by their median, or by the one
+    # nearest the scan at each voxel.
+    **{f"dae+ctx1+bias3+csfl04+local8+views3{how}": (
+        "dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                "views": ["axial", "coronal", "sagittal"], "view_combine": how},
+        {"smooth_sigma": 1.0, "csf_weight": 0.5, "csf_level": 0.4, "local_baseline_sigma": 8.0})
+       for how in ("median", "closest")},
+    # Two views: which one lifts the synthetic lesions and which one costs BraTS.
+    **{f"dae+ctx1+bias3+csfl04+local8+{view}": (
+        "dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
+                "views": ["axial", view]},
+        {"smooth_sigma": 1.0, "csf_weight": 0.5, "csf_level": 0.4, "local_baseline_sigma": 8.0})
+       for view in ("coronal", "sagittal")},
     # The default one level deeper (bottleneck at 1/16 instead of 1/8).
     "dae+ctx1+bias3+deep5": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
                                      "channels": [16, 32, 64, 128, 256],
@@ -167,11 +187,12 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
 
 def _train_key(model_type: str, config: dict) -> str:
     """Configurations that differ only in how the trained networks are used share training
-    (through resumable checkpoints)."""
+    (through resumable checkpoints); a multi-view model shares its axial networks with the
+    single-view one (its other views have checkpoints of their own)."""
     from bids_anomaly.models.trainer import INFERENCE_HPARAMS, STOPPING_HPARAMS
 
     kept = {k: v for k, v in sorted(config.items())
-            if k not in STOPPING_HPARAMS + INFERENCE_HPARAMS}
+            if k not in (*STOPPING_HPARAMS, *INFERENCE_HPARAMS, "views")}
     return f"{model_type}-{zlib.crc32(json.dumps(kept).encode()):08x}"
 
 

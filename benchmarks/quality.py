@@ -1,7 +1,8 @@
 """Anomaly-detection quality on real scans: every model next to zscore and plain intensity.
 
     python benchmarks/quality.py [--models dae zscore] [--seeds 0 1 2] [--minutes M]
-                                 [--out DIR] [--held-out IXI049 IXI051 ...]
+                                 [--model-config JSON] [--out DIR]
+                                 [--held-out IXI049 IXI051 ...]
 
 Trains on ../shared/data/ixi-t1 leaving two subjects out (--held-out), then scores
   * ixi-lesion: the two held-out IXI scans with synthetic lesions (DESIGN.md recipe) and
@@ -204,7 +205,8 @@ def run_seed(args, seed: int, root: Path, datasets: dict, timings: dict) -> tupl
         cfg = RunConfig(bids_dir=ixi, output_dir=models_out, work_dir=work,
                         selection=SelectionConfig(participant_labels=train_labels),
                         resources=res, seed=seed)
-        mcfg = {"max_minutes": args.minutes} if args.minutes and model != "zscore" else {}
+        mcfg = {} if model == "zscore" else {
+            **args.model_config, **({"max_minutes": args.minutes} if args.minutes else {})}
         run_train(cfg, TrainConfig(model_type=model, model_config=mcfg))
         timings[f"train {model} seed {seed}"] = time.perf_counter() - t
     rows, scan_rows = [], []
@@ -295,6 +297,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--minutes", type=float, default=None,
                     help="training budget per model (default: the model's own default)")
+    ap.add_argument("--model-config", type=json.loads, default={},
+                    help="hyper-parameters (JSON) over the learned models' defaults, e.g. "
+                         "'{\"views\": [\"axial\", \"coronal\", \"sagittal\"]}'")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bids-anomaly-quality"))
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--skip-nichart", action="store_true")

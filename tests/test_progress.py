@@ -95,6 +95,20 @@ def test_training_view_folds_epochs_and_eta() -> None:
     assert view.model == 3 and view.changes()["count"] == "final model"
 
 
+def test_training_view_shows_the_view_of_a_multi_view_model() -> None:
+    view = TrainingView()
+    view.feed({"kind": "log", "msg": "Fold 1/2: fitting dae on 3 participants"})
+    view.feed({"kind": "log", "msg": "model 'dae': training the coronal view (2 of 3)"})
+    view.feed({"kind": "epoch", "epoch": 2, "epochs": 4, "train_loss": 0.1, "val_loss": 0.2,
+               "samples_per_s": 300.0, "eta_seconds": 10.0})
+    c = view.changes()
+    assert c["count"] == "fold 1/2 · coronal view 2/3 · epoch 2/4"
+    assert c["done"] == pytest.approx((1.5 / 3) / 3)  # half the second of three views
+    assert c["eta_s"] >= 10.0 + 10.0  # this view's rest, then the sagittal one
+    view.feed({"kind": "log", "msg": "Fold 2/2: fitting dae on 3 participants"})
+    assert view.changes()["count"] == "fold 2/2"  # a new fold starts with no view yet
+
+
 def test_plain_output_is_short_and_line_oriented() -> None:
     out = io.StringIO()
     step = PlainStep(StepState("training", 100, "epochs"), out, interval_s=3600)

@@ -1,4 +1,9 @@
-"""2D axial slices of template-space volumes, for slice-wise networks."""
+"""2D slices of template-space volumes, for slice-wise networks.
+
+A *view* is the orientation slices are cut in: ``axial`` (planes of constant z, the default),
+``coronal`` (constant y) or ``sagittal`` (constant x). :func:`to_view` moves a volume's axes so
+that the view's slice axis is last; the slicing functions below then always cut the last axis.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,26 @@ import math
 
 import numpy as np
 import torch
+
+# For each view: the spatial axes of (X, Y, Z) in the order (in-plane, in-plane, slice axis).
+VIEW_AXES: dict[str, tuple[int, int, int]] = {
+    "axial": (0, 1, 2),
+    "coronal": (0, 2, 1),
+    "sagittal": (1, 2, 0),
+}
+
+
+def to_view(arr: np.ndarray, view: str) -> np.ndarray:
+    """(…, X, Y, Z) → (…, in-plane, in-plane, slice axis) of ``view`` (a view of the array)."""
+    lead = arr.ndim - 3
+    return arr.transpose(*range(lead), *(lead + a for a in VIEW_AXES[view]))
+
+
+def from_view(arr: np.ndarray, view: str) -> np.ndarray:
+    """The inverse of :func:`to_view`."""
+    lead = arr.ndim - 3
+    inverse = np.argsort(VIEW_AXES[view])
+    return arr.transpose(*range(lead), *(lead + int(a) for a in inverse))
 
 
 @functools.lru_cache(maxsize=8)

@@ -54,7 +54,7 @@ LossFn = Callable[[object, torch.Tensor, torch.Tensor], torch.Tensor]
 STOPPING_HPARAMS = ("max_minutes", "patience")
 # Hyper-parameters that only decide how a trained network is used at inference (the dae's
 # noisy draws): they do not identify a training run either.
-INFERENCE_HPARAMS = ("infer_draws", "infer_noise")
+INFERENCE_HPARAMS = ("infer_draws", "infer_noise", "view_combine")
 
 
 def resolve_device(device: str) -> str:

@@ -20,6 +20,7 @@ from .display import Step
 from .records import PROGRESS_FILE, Tail
 
 _FOLD = re.compile(r"Fold (\d+)/(\d+)")
+_VIEW = re.compile(r"training the (\w+) view \((\d+) of (\d+)\)")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TrainingView:
     epoch: dict = field(default_factory=dict)
     model_started: float = field(default_factory=time.monotonic)
     durations: list[float] = field(default_factory=list)
+    view: tuple[str, int, int] | None = None  # a multi-view model's view: name, k, of n
+    view_started: float = field(default_factory=time.monotonic)
 
     def feed(self, rec: dict) -> None:
         if rec.get("kind") == "epoch":
@@ -41,6 +44,11 @@ class TrainingView:
                 self.model, self.phase = 1, "model 1"
         elif rec.get("kind") == "log":
             msg = str(rec.get("msg", ""))
+            view = _VIEW.search(msg)
+            if view:
+                self.view = (view.group(1), int(view.group(2)), int(view.group(3)))
+                self.view_started, self.epoch = time.monotonic(), {}
+                return
             fold = _FOLD.search(msg)
             if fold or msg.startswith("Final model"):
                 self._next_model()
@@ -55,18 +63,25 @@ class TrainingView:
         now = time.monotonic()
         if self.model:
             self.durations.append(now - self.model_started)
-        self.model_started, self.epoch = now, {}
+        self.model_started, self.epoch, self.view = now, {}, None
 
     def changes(self) -> dict:
         """Fields of :class:`~.display.StepState` for the step."""
         e = self.epoch
         parts = [self.phase] if self.phase else []
+        if self.view:
+            parts.append(f"{self.view[0]} view {self.view[1]}/{self.view[2]}")
         frac_model = 0.0
         eta_model = None
         if e:
             parts.append(f"epoch {e.get('epoch')}/{e.get('epochs')}")
             frac_model = float(e.get("epoch", 0)) / max(1.0, float(e.get("epochs", 1)))
             eta_model = float(e.get("eta_seconds", 0.0))
+            if self.view:  # the model's views train one after another
+                _, k, n = self.view
+                frac_model = (k - 1 + frac_model) / n
+                per_view = time.monotonic() - self.view_started + eta_model
+                eta_model += (n - k) * per_view
         info = ""
         if e:
             info = (f"loss {float(e.get('train_loss', float('nan'))):.4g} · "

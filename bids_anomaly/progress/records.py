@@ -48,8 +48,10 @@ class _StepLog(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Per-epoch lines come as epoch records already; warnings and the fit's steps stay.
-        if record.levelno >= logging.WARNING or record.module in ("fit", "recalibrate"):
+        # Per-epoch lines come as epoch records already; warnings and the fit's steps (folds,
+        # the final model, a multi-view model's views) stay.
+        if record.levelno >= logging.WARNING or \
+                record.module in ("fit", "recalibrate", "slice_model"):
             try:
                 self.out.write("log", level=record.levelname, msg=record.getMessage())
             except (OSError, ValueError):  # a full disk must not fail the node
