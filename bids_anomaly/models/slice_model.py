@@ -8,11 +8,12 @@ voxels: an explicit ``crop`` wins and keeps them loading and scoring as before.
 
 ``views`` lists the orientations slices are cut in, axial first. With more than one, the model
 holds one network per view (each the same architecture, trained in turn on the same scans,
-the time budget shared), and its reconstruction is the mean of the views' reconstructions:
-a voxel is restored from three different 2D neighbourhoods, so what one view copies or
-misses the others need not. The axial network is the single-view model itself (its weights
-``net.*``, its checkpoint ``ctx.checkpoint``); a coronal or sagittal one crops the axial crop's
-X or Y side by the whole grid's height, and stores its tensors under ``<view>.``.
+the time budget shared), and its reconstruction combines the views' (``view_combine``, the
+mean by default): a voxel is restored from three different 2D neighbourhoods, so what one
+view copies or misses the others need not. The axial network is the single-view model
+itself (its weights ``net.*``, its checkpoint ``ctx.checkpoint``); a coronal or sagittal one
+crops the axial crop's X or Y side by the whole grid's height, and stores its tensors under
+``<view>.``.
 """
 
 from __future__ import annotations
