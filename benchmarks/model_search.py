@@ -50,6 +50,12 @@ FOLDS = 4
 DAE = {"epochs": 20, "patience": 20, "max_minutes": 60.0, "infer_draws": 0, "context": 0,
        "aug_bias": 0.1}
 
+# The dae's current default (dae+ctx1+bias3+csfl04+local8), what the multi-view rows build on.
+_DEFAULT = {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3}
+_DEFAULT_SCORING = {"smooth_sigma": 1.0, "csf_weight": 0.5, "csf_level": 0.4,
+                    "local_baseline_sigma": 8.0}
+_VIEWS = ("axial", "coronal", "sagittal")
+
 # name → (model type, hyper-parameters, scoring parameters). One change at a time against
 # "dae" (and "zscore" for the per-scan baseline, which is the statmap's, not the model's).
 CONFIGS: dict[str, tuple[str, dict, dict]] = {
@@ -160,23 +166,16 @@ CONFIGS: dict[str, tuple[str, dict, dict]] = {
                                           "csf_level": 0.4, "local_baseline_sigma": 8.0}),
     # The dae's default with three networks, one per slice orientation (axial, coronal,
     # sagittal), reconstructions averaged; the axial one is the default's own network.
-    "dae+ctx1+bias3+csfl04+local8+views3": ("dae", {**DAE, "infer_draws": 4, "context": 1,
-                                                    "aug_bias": 0.3,
-                                                    "views": ["axial", "coronal", "sagittal"]},
-                                            {"smooth_sigma": 1.0, "csf_weight": 0.5,
-                                             "csf_level": 0.4, "local_baseline_sigma": 8.0}),
+    "dae+ctx1+bias3+csfl04+local8+views3": ("dae", {**_DEFAULT, "views": list(_VIEWS)},
+                                            dict(_DEFAULT_SCORING)),
     # The same networks, the views' reconstructions combined by their median, or by the one
     # nearest the scan at each voxel.
     **{f"dae+ctx1+bias3+csfl04+local8+views3{how}": (
-        "dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
-                "views": ["axial", "coronal", "sagittal"], "view_combine": how},
-        {"smooth_sigma": 1.0, "csf_weight": 0.5, "csf_level": 0.4, "local_baseline_sigma": 8.0})
-       for how in ("median", "closest")},
+        "dae", {**_DEFAULT, "views": list(_VIEWS), "view_combine": how},
+        dict(_DEFAULT_SCORING)) for how in ("median", "closest")},
     # Two views: which one lifts the synthetic lesions and which one costs BraTS.
     **{f"dae+ctx1+bias3+csfl04+local8+{view}": (
-        "dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
-                "views": ["axial", view]},
-        {"smooth_sigma": 1.0, "csf_weight": 0.5, "csf_level": 0.4, "local_baseline_sigma": 8.0})
+        "dae", {**_DEFAULT, "views": ["axial", view]}, dict(_DEFAULT_SCORING))
        for view in ("coronal", "sagittal")},
     # The default one level deeper (bottleneck at 1/16 instead of 1/8).
     "dae+ctx1+bias3+deep5": ("dae", {**DAE, "infer_draws": 4, "context": 1, "aug_bias": 0.3,
